@@ -1,0 +1,56 @@
+"""Key and scale exposure on layers, the same for JAX and torch layers.
+
+A *kernel* (consumer implementation) that can take a pre-quantized input
+advertises ``input_quant_key: QuantKey`` and may implement
+``input_quant_scales(layer) -> InputQuantScales``. ``expose_input_quant_key``
+copies both onto the layer, so producers read ``layer.input_quant_key`` /
+``layer.input_quant_scales`` and never kernel-specific attributes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from interop.errors import NoInputQuantKeyError
+from interop.keys import InputQuantScales, QuantKey
+
+KEY_ATTR = "input_quant_key"
+SCALES_ATTR = "input_quant_scales"
+
+
+def expose_input_quant_key(layer: Any, kernel: Any) -> QuantKey | None:
+    """Set ``layer.input_quant_key`` (and ``input_quant_scales``) from ``kernel``.
+
+    Leaves the layer without a key (``None``) when the kernel advertises none,
+    so unsupported backends never receive a pre-quantized activation.
+    Returns the exposed key.
+    """
+    key = getattr(kernel, KEY_ATTR, None)
+    if key is not None and not isinstance(key, QuantKey):
+        raise TypeError(f"{type(kernel).__name__}.{KEY_ATTR} must be a QuantKey or None, got {key!r}")
+    scales = InputQuantScales()
+    if key is not None and hasattr(kernel, "input_quant_scales"):
+        scales = kernel.input_quant_scales(layer)
+        if not isinstance(scales, InputQuantScales):
+            raise TypeError(f"{type(kernel).__name__}.input_quant_scales must return InputQuantScales")
+    if key is not None and key.scale.static and scales.input_scale is None and not key.is_fp4:
+        raise ValueError(f"kernel advertises static key {key} but exposes no input_scale")
+    object.__setattr__(layer, KEY_ATTR, key)  # works on frozen dataclasses too
+    object.__setattr__(layer, SCALES_ATTR, scales if key is not None else None)
+    return key
+
+
+def get_input_quant_key(layer: Any, required: bool = False) -> QuantKey | None:
+    """The key a layer exposes, or None; ``required=True`` raises instead of None."""
+    key = getattr(layer, KEY_ATTR, None)
+    if key is None and required:
+        raise NoInputQuantKeyError(
+            f"{type(layer).__name__} exposes no input quantization key: its kernel cannot consume a "
+            "pre-quantized activation (call expose_input_quant_key(layer, kernel) first, or pass a plain array)")
+    return key
+
+
+def get_input_quant_scales(layer: Any) -> InputQuantScales:
+    """The scales exposed with the key; raises ``NoInputQuantKeyError`` if the layer has no key."""
+    get_input_quant_key(layer, required=True)
+    return getattr(layer, SCALES_ATTR, None) or InputQuantScales()
