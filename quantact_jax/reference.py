@@ -33,6 +33,7 @@ from interop.errors import QuantLayoutError
 from interop.keys import QuantFormat, QuantKey, ScaleLayout
 from interop.layout import (cdiv, check_k_divisible, logical_scale_shape, round_up, rows_cols,
                             scale_storage_shape, swizzle_index)
+from quantact_jax import exact
 from quantact_jax.activation import QuantizedActivation
 
 FP8_MAX = 448.0
@@ -96,7 +97,7 @@ def e2m1_encode(v: jax.Array) -> jax.Array:
     a = jnp.abs(v)
     mag = jnp.where(a <= 0.25, 0, jnp.where(a < 0.75, 1, jnp.where(a <= 1.25, 2, jnp.where(
         a < 1.75, 3, jnp.where(a <= 2.5, 4, jnp.where(a < 3.5, 5, jnp.where(a <= 5.0, 6, 7)))))))
-    sign = jnp.signbit(v) & ~jnp.isnan(v)
+    sign = ((jax.lax.bitcast_convert_type(v, jnp.uint32) >> 31) == 1) & ~jnp.isnan(v)
     return (mag + 8 * sign.astype(jnp.int32)).astype(jnp.uint8)
 
 
@@ -130,16 +131,22 @@ def tree_sum(v: jax.Array) -> jax.Array:
 
 
 def silu_f32(g: jax.Array) -> jax.Array:
-    return g / (1.0 + jnp.exp(-g))
+    return exact.div(g, 1.0 + jnp.exp(-g))
 
 
 # ---------------------------------------------------------------- scale layouts
+_UINT_OF_SIZE = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
 def _bytes(x: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, jnp.uint8) if x.dtype != jnp.uint8 else x
+    """Same-shape unsigned view of ``x`` (f32 scales keep their shape; zero padding
+    is zero bytes -- padding e8m0 with 0.0 would write 0xFF, its NaN)."""
+    u = _UINT_OF_SIZE[jnp.dtype(x.dtype).itemsize]
+    return jax.lax.bitcast_convert_type(x, u) if x.dtype != u else x
 
 
 def _from_bytes(b: jax.Array, dtype) -> jax.Array:
-    return b if jnp.dtype(dtype) == jnp.uint8 else jax.lax.bitcast_convert_type(b, dtype)
+    return b if jnp.dtype(dtype) == b.dtype else jax.lax.bitcast_convert_type(b, dtype)
 
 
 def layout_scales(s: jax.Array, layout: ScaleLayout) -> jax.Array:
@@ -150,7 +157,7 @@ def layout_scales(s: jax.Array, layout: ScaleLayout) -> jax.Array:
     if layout == ScaleLayout.COL_MAJOR:
         return s.T
     if layout == ScaleLayout.COL_MAJOR_TMA:
-        return jnp.pad(s, ((0, round_up(m, 4) - m), (0, 0))).T
+        return _from_bytes(jnp.pad(_bytes(s), ((0, round_up(m, 4) - m), (0, 0))), s.dtype).T
     if layout == ScaleLayout.PACKED_UE8M0:
         b = ((jax.lax.bitcast_convert_type(s, jnp.uint32) >> 23) & 0xFF)  # exponent byte
         b = jnp.pad(b, ((0, round_up(m, 4) - m), (0, round_up(g, 4) - g)))
@@ -236,11 +243,11 @@ def quantize_f32(v: jax.Array, key: QuantKey, orig_dtype, orig_shape, *, scale: 
         if desc.static:
             s = _static_scales(key, scale, m, k).astype(F32)
             if fmt == QuantFormat.FP8:  # vLLM static fp8: multiply by the reciprocal, computed once
-                q = sat(v * _expand(1.0 / s, m, k, gr, gc))
+                q = sat(v * _expand(exact.div(1.0, s), m, k, gr, gc))
             else:  # vLLM static int8: true division
-                q = sat(v / _expand(s, m, k, gr, gc))
+                q = sat(exact.div(v, _expand(s, m, k, gr, gc)))
             storage = scale if desc.group_shape.is_per_tensor() else jnp.asarray(scale)
-            storage = jnp.asarray(storage, F32).reshape(scale_storage_shape(desc, m, k))
+            storage = jnp.asarray(storage, desc.storage_dtype).reshape(scale_storage_shape(desc, m, k))
             return QuantizedActivation(q.reshape(*lead, k), storage, orig_dtype, orig_shape, key)
         a = jnp.abs(v)
         if desc.group_shape.is_per_tensor():
@@ -252,23 +259,23 @@ def quantize_f32(v: jax.Array, key: QuantKey, orig_dtype, orig_shape, *, scale: 
         else:
             raise QuantLayoutError(f"{key}: dynamic scales with group shape {desc.group_shape} are not supported")
         if fmt == QuantFormat.INT8:
-            s = jnp.maximum(amax, GROUP_EPS) / INT8_MAX
-            q = sat(v / _expand(s, m, k, gr, gc))
+            s = exact.div(jnp.maximum(amax, GROUP_EPS), INT8_MAX)
+            q = sat(exact.div(v, _expand(s, m, k, gr, gc)))
         elif desc.group_shape.is_per_tensor():
-            s = jnp.maximum(amax / qmax, FP8_MIN_SCALE)
-            q = sat(v * (1.0 / s))
+            s = jnp.maximum(exact.div(amax, qmax), FP8_MIN_SCALE)
+            q = sat(v * exact.div(1.0, s))
         elif desc.group_shape.is_per_token() or fused_group:
             if ub is not None:
                 amax = jnp.minimum(amax, ub)
-            s = jnp.maximum(amax / qmax, FP8_MIN_SCALE)
+            s = jnp.maximum(exact.div(amax, qmax), FP8_MIN_SCALE)
             if desc.ue8m0:
                 s = pow2_ceil(s)
-            q = sat(v / _expand(s, m, k, gr, gc))
+            q = sat(exact.div(v, _expand(s, m, k, gr, gc)))
         else:
-            s = jnp.maximum(amax, GROUP_EPS) / qmax
+            s = exact.div(jnp.maximum(amax, GROUP_EPS), qmax)
             if desc.ue8m0:
                 s = pow2_ceil(s)
-            q = sat(v / _expand(s, m, k, gr, gc))
+            q = sat(exact.div(v, _expand(s, m, k, gr, gc)))
         if desc.group_shape.is_per_tensor():
             storage = s.reshape(1)
         else:
@@ -285,8 +292,8 @@ def quantize_f32(v: jax.Array, key: QuantKey, orig_dtype, orig_shape, *, scale: 
             sf = _static_scales(key, scale, m, k).astype(F32)
         else:
             amax16 = jnp.max(jnp.abs(groups), axis=2)
-            sf = sat_fp8(gs * amax16 / FP4_MAX).astype(F32)
-        ratio = jnp.where(sf == 0, 0.0, gs / sf)
+            sf = sat_fp8(exact.div(gs * amax16, FP4_MAX)).astype(F32)
+        ratio = jnp.where(sf == 0, 0.0, exact.div(gs, sf))
         codes = e2m1_encode(groups * ratio[..., None]).reshape(m, k)
         sf_stored = sf.astype(E4M3)
     else:  # MXFP8 / MXFP4: power-of-two e8m0 scales, rounded up from amax / max
@@ -294,9 +301,9 @@ def quantize_f32(v: jax.Array, key: QuantKey, orig_dtype, orig_shape, *, scale: 
         if desc.static:
             sf_stored = jax.lax.bitcast_convert_type(_static_scales(key, scale, m, k), jnp.uint8)
         else:
-            sf_stored = e8m0_from_f32(jnp.max(jnp.abs(groups), axis=2) / emax)
+            sf_stored = e8m0_from_f32(exact.div(jnp.max(jnp.abs(groups), axis=2), emax))
         sf = f32_from_e8m0(sf_stored)
-        y = groups / sf[..., None]
+        y = exact.div(groups, sf[..., None])
         codes = (sat_fp8(y) if fmt == QuantFormat.MXFP8 else e2m1_encode(y)).reshape(m, k)
         sf_stored = jax.lax.bitcast_convert_type(sf_stored, E8M0)
     data = pack_fp4(codes) if key.is_fp4 else codes
@@ -351,14 +358,13 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, residual: jax.Array | 
         r2 = residual.reshape(m, k)
         if add_in_f32:
             z = x2.astype(F32) + r2.astype(F32)
-            res_out = z.astype(t)
-        else:
-            zt = x2 + r2  # rounded to T
-            res_out, z = zt, zt.astype(F32)
-        res_out = res_out.reshape(x.shape)
-    ms = tree_sum(z * z) / np.float32(k)
-    inv = 1.0 / jnp.sqrt(ms + np.float32(eps))
-    n = (z * inv[:, None]).astype(t) * weight.astype(t)
+        else:  # add in T: the f32 sum of two T values, rounded to T
+            z = exact.round_to(x2.astype(F32) + r2.astype(F32), t)
+        res_out = z.astype(t).reshape(x.shape)
+    ms = exact.div(tree_sum(exact.mul(z, z)), np.float32(k))
+    inv = exact.div(1.0, exact.sqrt(ms + np.float32(eps)))
+    # T(z * inv) * w in T: the exact f32 product of two T values, rounded to T
+    n = exact.round_to(exact.round_to(z * inv[:, None], t) * weight.astype(F32), t).astype(t)
     return n, res_out
 
 
@@ -389,7 +395,7 @@ def silu_and_mul(x: jax.Array, rounded: bool) -> jax.Array:
     d = k2 // 2
     g, u = x2[:, :d].astype(F32), x2[:, d:].astype(F32)
     if rounded:
-        return (silu_f32(g).astype(t).astype(F32) * u).astype(t).astype(F32)
+        return exact.round_to(exact.round_to(silu_f32(g), t) * u, t)
     return silu_f32(g) * u
 
 
@@ -408,7 +414,7 @@ def silu_and_mul_quant(x: jax.Array, key: QuantKey, *, scale: Any = None, global
     elif fmt == QuantFormat.FP8:
         y = silu_and_mul(x, rounded=False)
     else:
-        y = silu_and_mul(x, rounded=False).astype(x.dtype).astype(F32)
+        y = exact.round_to(silu_and_mul(x, rounded=False), x.dtype)
     out_shape = (*x.shape[:-1], x.shape[-1] // 2)
     return quantize_f32(y, key, x.dtype, out_shape, scale=scale, global_scale=global_scale,
                         scale_ub=scale_ub, fused_group=True)
@@ -434,7 +440,7 @@ def dequantize_codes(data: jax.Array, scale: jax.Array, key: QuantKey, shape: tu
     if fmt == QuantFormat.NVFP4:
         if global_scale is None:
             raise QuantLayoutError("NVFP4 dequantisation needs the global scale")
-        s = s / _as_f32_scalar(global_scale, "global_scale")
+        s = exact.div(s, _as_f32_scalar(global_scale, "global_scale"))
     return vals * _expand(s, m, k, *desc.group_shape)
 
 

@@ -46,7 +46,13 @@ def scale_storage(scale: torch.Tensor, key: QuantKey, orig_shape) -> torch.Tenso
         raise QuantLayoutError(
             f"{key}: scale is a {tuple(scale.shape)} tensor with strides {tuple(scale.stride())}, but layout "
             f"{key.scale.layout} needs vLLM's [M={m}, G={groups}] view with strides (1, {mp})")
-    return scale.as_strided(want, (mp, 1), scale.storage_offset())
+    try:
+        return scale.as_strided(want, (mp, 1), scale.storage_offset())
+    except RuntimeError as e:  # e.g. an unpadded [M, 1] tensor for a padded (TMA / packed) layout
+        raise QuantLayoutError(
+            f"{key}: scale is a {tuple(scale.shape)} tensor whose storage cannot hold layout "
+            f"{key.scale.layout}'s padded storage {want} (vLLM's [M={m}, G={groups}] view with strides "
+            f"(1, {mp})): {e}") from e
 
 
 @dataclasses.dataclass

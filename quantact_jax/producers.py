@@ -1,0 +1,543 @@
+"""Fused Pallas producers: (residual add +) RMSNorm -> quant, SiLU-and-mul -> quant, plain quant.
+
+One Triton-lowered kernel family (``pl.pallas_call`` with explicit
+``plgpu.CompilerParams``) covers every key: each program owns ``block_m`` rows
+and holds the whole row (padded to a power of two) in registers, so the input
+is read once and codes + scales are written once. The arithmetic is the jnp
+reference's (``quantact_jax.reference``), element by element:
+
+- the elementwise pieces (``sat_fp8``, ``e2m1_encode``, ``pow2_ceil``, e8m0
+  encoding) are *the same functions*;
+- RMSNorm's sum of squares uses the same pairwise tree (adjacent pairs via a
+  ``[.., W/2, 2]`` reshape and a size-2 reduction);
+- on GPU, division, square root and the squares feeding the tree are inline PTX
+  ``div.rn`` / ``sqrt.rn`` / ``mul.rn`` (Triton's default ``/`` is approximate and
+  ``a*a + b*b`` may be contracted into an FMA); in interpret mode they are the
+  plain jnp ops the reference uses.
+
+``exp`` (SiLU) is the one transcendental: XLA:CPU, torch and libdevice round it
+differently in the last bit, so SiLU producers agree with the references to the
+bit only where the exp implementation is the same (interpret mode vs the jnp
+reference); see the tests for the bound used elsewhere.
+
+Per-tensor *dynamic* scales need a global amax: a first pass writes one amax
+per row, the scale is formed in XLA, and a second pass quantizes with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from interop.errors import QuantLayoutError
+from interop.keys import QuantFormat, QuantKey, ScaleDirection, ScaleLayout
+from interop.layers import get_input_quant_key, get_input_quant_scales
+from interop.layout import cdiv, check_k_divisible, round_up, scale_storage_shape
+from quantact_jax import exact, reference as ref
+from quantact_jax.activation import QuantizedActivation
+
+F32 = jnp.float32
+U32 = jnp.uint32
+MAX_BLOCK_ELEMS = 1 << 15  # one program's row tile, elements (registers)
+
+
+# ------------------------------------------------------------------ config + heuristic
+@dataclasses.dataclass(frozen=True)
+class ProducerConfig:
+    """Launch configuration: rows per program and warps per program."""
+
+    block_m: int = 1
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def __post_init__(self):
+        if self.block_m < 1 or self.block_m & (self.block_m - 1):
+            raise ValueError(f"block_m must be a power of two, got {self.block_m}")
+        if self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"num_warps must be a power of two <= 32, got {self.num_warps}")
+
+
+def heuristic_config(m: int, k: int) -> ProducerConfig:
+    """Rows per program so that one program handles ~4-8K elements; warps by row width."""
+    bk = pl.next_power_of_2(k)
+    block_m = max(1, min(pl.next_power_of_2(max(m, 1)), 4096 // bk if bk < 4096 else 1))
+    num_warps = 4 if bk * block_m <= 4096 else 8 if bk * block_m <= 16384 else 16
+    return ProducerConfig(block_m=block_m, num_warps=num_warps)
+
+
+# ------------------------------------------------------------------ exact arithmetic
+class _Math:
+    """Correctly rounded div/sqrt/mul: plain jnp when interpreting, inline PTX on GPU."""
+
+    def __init__(self, interpret: bool):
+        self.interpret = interpret
+
+    def _asm(self, op: str, *args):
+        args = [jnp.broadcast_to(a, jnp.broadcast_shapes(*(jnp.shape(b) for b in args))).astype(F32)
+                for a in args]
+        regs = ", ".join(f"${i + 1}" for i in range(len(args)))
+        [out] = plgpu.elementwise_inline_asm(
+            f"{op}.rn.f32 $0, {regs};", args=args, constraints="=r," + ",".join("r" * len(args)),
+            pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, F32)])
+        return out
+
+    def div(self, a, b):
+        return exact.div(a, b) if self.interpret else self._asm("div", a, b)
+
+    def sqrt(self, a):
+        return exact.sqrt(a) if self.interpret else self._asm("sqrt", a)
+
+    def mul(self, a, b):
+        return exact.mul(a, b) if self.interpret else self._asm("mul", a, b)
+
+    def rint(self, a):
+        """Round half to even to an integral f32."""
+        if self.interpret:
+            return jnp.round(a)
+        [out] = plgpu.elementwise_inline_asm(
+            "cvt.rni.f32.f32 $0, $1;", args=[a.astype(F32)], constraints="=r,r", pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, F32)])
+        return out
+
+
+# ------------------------------------------------------------------ kernel spec
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    op: str  # "quant" | "rms" | "silu"
+    key: QuantKey
+    m: int
+    k: int  # width of the quantized output row
+    in_dtype: Any
+    block_m: int
+    rows_cover: int  # rows the grid covers (scale padding rows included)
+    has_residual: bool = False
+    add_in_f32: bool = True
+    eps: float = 1e-6
+    has_ub: bool = False
+    amax_only: bool = False  # pass 1 of a dynamic per-tensor quant
+    tensor_scale_given: bool = False  # pass 2 of a dynamic per-tensor quant
+    interpret: bool = False
+
+    @property
+    def bk(self) -> int:
+        return pl.next_power_of_2(self.k)
+
+
+def _tree_sum_rows(v: jax.Array) -> jax.Array:
+    """Pairwise adjacent-pair tree over the last axis (width a power of two): the
+    order of ``reference.tree_sum``."""
+    while v.shape[-1] > 1:
+        v = jnp.sum(v.reshape(*v.shape[:-1], v.shape[-1] // 2, 2), axis=-1)
+    return v.reshape(v.shape[:-1])
+
+
+def _sat_int8(v: jax.Array, mth: _Math) -> jax.Array:
+    # reference.sat_int8 (Triton has no round_p lowering: PTX cvt.rni on GPU)
+    r = mth.rint(jnp.clip(v, -128.0, 127.0))
+    return jnp.where(jnp.isnan(r), 0.0, r).astype(jnp.int8)
+
+
+def _oob(off, mask, size: int):
+    """Masked lanes point past the end: the GPU never touches them, and interpret
+    mode's scatter drops them instead of racing live lanes on a shared offset."""
+    return jnp.where(mask, off, size)
+
+
+def _scale_offsets(layout: ScaleLayout, r, g, m: int, n_groups: int):
+    """Flat storage offsets and in-bounds mask of logical scale (row r, group g)."""
+    if layout == ScaleLayout.ROW_MAJOR:
+        return r * n_groups + g, (r < m) & (g < n_groups)
+    if layout == ScaleLayout.COL_MAJOR:
+        return g * m + r, (r < m) & (g < n_groups)
+    if layout == ScaleLayout.COL_MAJOR_TMA:
+        mp = round_up(m, 4)
+        return g * mp + r, (r < mp) & (g < n_groups)
+    if layout == ScaleLayout.SWIZZLED_128x4:
+        mp, gp = round_up(m, 128), round_up(n_groups, 4)
+        off = ((r // 128) * (gp // 4) * 512 + (g // 4) * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + g % 4)
+        return off, (r < mp) & (g < gp)
+    raise AssertionError(layout)
+
+
+def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
+    key, fmt, desc = spec.key, spec.key.format, spec.key.scale
+    mth = _Math(spec.interpret)
+    refs = list(refs)
+    x_ref = refs.pop(0)
+    res_ref = refs.pop(0) if spec.has_residual else None
+    w_ref = refs.pop(0) if spec.op == "rms" else None
+    s_in_ref = refs.pop(0) if (desc.static or spec.tensor_scale_given) else None
+    gs_ref = refs.pop(0) if fmt == QuantFormat.NVFP4 else None
+    ub_ref = refs.pop(0) if spec.has_ub else None
+    res_out_ref = None
+    if spec.amax_only:
+        amax_ref, = refs
+    else:
+        data_ref, scale_ref, *rest = refs
+        res_out_ref = rest[0] if spec.has_residual else None
+
+    bm, bk, m, k = spec.block_m, spec.bk, spec.m, spec.k
+    row0 = pl.program_id(0) * bm
+    r = row0 + jnp.arange(bm, dtype=jnp.int32)[:, None]
+    c = jnp.arange(bk, dtype=jnp.int32)[None, :]
+    rmask, cmask = r < m, c < k
+    mask = rmask & cmask
+    t = spec.in_dtype
+
+    def load(ref_, col0=0):
+        if col0 + bk <= ref_.shape[1]:
+            return plgpu.load(ref_.at[pl.ds(row0, bm), pl.ds(col0, bk)], mask=mask, other=0)
+        # a window past the row end: element indexing (masked lanes are never read)
+        return plgpu.load(ref_.at[jnp.minimum(r, m - 1), jnp.minimum(col0 + c, ref_.shape[1] - 1)],
+                          mask=mask, other=0)
+
+    # ---- the pre-quant value v (f32, zero outside [m, k])
+    if spec.op == "quant":
+        v = load(x_ref).astype(F32)
+    elif spec.op == "silu":
+        g, u = load(x_ref).astype(F32), load(x_ref, k).astype(F32)
+        silu = mth.div(g, 1.0 + jnp.exp(-g))
+        if fmt == QuantFormat.FP8 and desc.static:
+            v = exact.round_to(exact.round_to(silu, t) * u, t)
+        elif fmt == QuantFormat.FP8:
+            v = silu * u
+        else:
+            v = exact.round_to(silu * u, t)
+    else:  # rms
+        xv = load(x_ref)
+        if spec.has_residual:
+            rv = load(res_ref)
+            if spec.add_in_f32:
+                z = xv.astype(F32) + rv.astype(F32)
+            else:
+                z = exact.round_to(xv.astype(F32) + rv.astype(F32), t)
+            res_out = z.astype(t)
+            if res_out_ref is not None:
+                plgpu.store(res_out_ref.at[pl.ds(row0, bm), pl.ds(0, bk)], res_out, mask=mask)
+        else:
+            z = xv.astype(F32)
+        ms = mth.div(_tree_sum_rows(mth.mul(z, z)), np.float32(k))[:, None]
+        inv = mth.div(1.0, mth.sqrt(ms + np.float32(spec.eps)))
+        w = plgpu.load(w_ref.at[pl.ds(0, bk)], mask=c[0] < k, other=0)[None, :]
+        v = exact.round_to(exact.round_to(z * inv, t) * w.astype(F32), t)
+
+    a = jnp.abs(v)
+    if spec.amax_only:
+        plgpu.store(amax_ref.at[pl.ds(row0, bm)], jnp.max(a, axis=1), mask=r[:, 0] < m)
+        return
+
+    # ---- quantize
+    if fmt in (QuantFormat.FP8, QuantFormat.INT8):
+        qmax = ref.FP8_MAX if fmt == QuantFormat.FP8 else ref.INT8_MAX
+        sat = ref.sat_fp8 if fmt == QuantFormat.FP8 else functools.partial(_sat_int8, mth=mth)
+        gs_ = desc.group_shape
+        if desc.static or spec.tensor_scale_given:
+            if gs_.is_per_tensor():
+                s = plgpu.load(s_in_ref.at[pl.ds(0, 1)]).reshape(1, 1)
+            elif gs_.is_per_token():
+                s = plgpu.load(s_in_ref.at[pl.ds(row0, bm)], mask=r[:, 0] < m, other=1.0)[:, None]
+            elif gs_.is_per_channel():
+                s = plgpu.load(s_in_ref.at[pl.ds(0, bk)], mask=c[0] < k, other=1.0)[None, :]
+            else:  # static 2-D blocks, row-major [cdiv(m, gr), cdiv(k, gc)]
+                gr, gc = gs_
+                nkb = cdiv(k, gc)
+                s = plgpu.load(s_in_ref.at[_oob((r // gr) * nkb + c // gc, mask, cdiv(m, gr) * nkb)],
+                               mask=mask, other=1.0)
+            if fmt == QuantFormat.FP8:
+                q = sat(v * mth.div(1.0, s))
+            else:
+                q = sat(mth.div(v, s))
+            plgpu.store(data_ref.at[pl.ds(row0, bm), pl.ds(0, bk)], q, mask=mask)
+            if not spec.tensor_scale_given:
+                return  # static scales are the caller's; the wrapper passes them through
+            plgpu.store(scale_ref.at[pl.ds(0, 1)], s.reshape(1), mask=(pl.program_id(0) == 0) & (
+                jnp.arange(1) == 0))
+            return
+        if gs_.is_per_token():
+            amax = jnp.max(a, axis=1, keepdims=True)
+            gsize, ng = bk, 1
+        else:
+            gsize = gs_.col
+            ng = bk // gsize
+            amax = jnp.max(a.reshape(bm, ng, gsize), axis=2)
+        if fmt == QuantFormat.INT8:
+            s = mth.div(jnp.maximum(amax, ref.GROUP_EPS), qmax)
+        elif gs_.is_per_token() or spec.op != "quant":
+            if spec.has_ub:
+                amax = jnp.minimum(amax, plgpu.load(ub_ref.at[pl.ds(0, 1)]).reshape(1, 1))
+            s = jnp.maximum(mth.div(amax, qmax), ref.FP8_MIN_SCALE)
+        else:
+            s = mth.div(jnp.maximum(amax, ref.GROUP_EPS), qmax)
+        if desc.ue8m0:
+            s = ref.pow2_ceil(s)
+        s_full = jnp.broadcast_to(s[:, :, None], (bm, ng, gsize)).reshape(bm, bk)
+        q = sat(mth.div(v, s_full))
+        plgpu.store(data_ref.at[pl.ds(row0, bm), pl.ds(0, bk)], q, mask=mask)
+        if gs_.is_per_token():
+            plgpu.store(scale_ref.at[pl.ds(row0, bm)], s[:, 0], mask=r[:, 0] < m)
+            return
+        n_groups = k // gsize
+        gcol = jnp.arange(ng, dtype=jnp.int32)[None, :]
+        live = (r < m) & (gcol < n_groups)
+        if desc.layout == ScaleLayout.PACKED_UE8M0:
+            b = jnp.where(live, (jax.lax.bitcast_convert_type(s, U32) >> 23) & 0xFF, 0).astype(U32)
+            per = min(ng, 4)
+            nw = ng // per
+            shifts = (jnp.arange(per, dtype=U32) * 8)[None, None, :]
+            words = jnp.sum(b.reshape(bm, nw, per) << shifts, axis=-1)
+            mp, nwords = round_up(m, 4), cdiv(n_groups, 4)
+            wcol = jnp.arange(nw, dtype=jnp.int32)[None, :]
+            wmask = (r < mp) & (wcol < nwords)
+            plgpu.store(scale_ref.at[_oob(wcol * mp + r, wmask, mp * nwords)],
+                        jax.lax.bitcast_convert_type(words, jnp.int32), mask=wmask)
+            return
+        off, smask = _scale_offsets(desc.layout, r, gcol, m, n_groups)
+        plgpu.store(scale_ref.at[_oob(off, smask, scale_ref.shape[0])], jnp.where(live, s, 0.0), mask=smask)
+        return
+
+    # ---- NVFP4 / MXFP8 / MXFP4: block scales per 16 / 32
+    gsize = desc.group_shape.col
+    ng = bk // gsize
+    n_groups = k // gsize
+    groups = v.reshape(bm, ng, gsize)
+    gcol = jnp.arange(ng, dtype=jnp.int32)[None, :]
+    live = (r < m) & (gcol < n_groups)
+    if desc.static:
+        off, smask = _scale_offsets(desc.layout, r, gcol, m, n_groups)
+        sbytes = plgpu.load(s_in_ref.at[_oob(off, live, s_in_ref.shape[0])], mask=live, other=0)
+    if fmt == QuantFormat.NVFP4:
+        gs = plgpu.load(gs_ref.at[pl.ds(0, 1)]).reshape(1, 1)
+        if desc.static:
+            sf = jax.lax.bitcast_convert_type(sbytes, ref.E4M3).astype(F32)
+        else:
+            amax16 = jnp.max(jnp.abs(groups), axis=2)
+            sf = ref.sat_fp8(mth.div(gs * amax16, ref.FP4_MAX)).astype(F32)
+        ratio = jnp.where(sf == 0, 0.0, mth.div(gs, sf))
+        codes = ref.e2m1_encode(groups * ratio[:, :, None]).reshape(bm, bk)
+        sbytes = jax.lax.bitcast_convert_type(sf.astype(ref.E4M3), jnp.uint8)
+    else:
+        emax = ref.FP8_MAX if fmt == QuantFormat.MXFP8 else ref.FP4_MAX
+        if not desc.static:
+            sbytes = ref.e8m0_from_f32(mth.div(jnp.max(jnp.abs(groups), axis=2), emax))
+        sf = ref.f32_from_e8m0(sbytes)
+        y = mth.div(groups, sf[:, :, None]).reshape(bm, bk)
+        codes = ref.sat_fp8(y) if fmt == QuantFormat.MXFP8 else ref.e2m1_encode(y)
+    if key.is_fp4:
+        pairs = codes.reshape(bm, bk // 2, 2).astype(U32)
+        packed = jnp.sum(pairs << (jnp.arange(2, dtype=U32) * 4)[None, None, :], axis=-1).astype(jnp.uint8)
+        half = jnp.arange(bk // 2, dtype=jnp.int32)[None, :]
+        plgpu.store(data_ref.at[pl.ds(row0, bm), pl.ds(0, bk // 2)], packed, mask=rmask & (half < k // 2))
+    else:
+        plgpu.store(data_ref.at[pl.ds(row0, bm), pl.ds(0, bk)], codes, mask=mask)
+    if not desc.static:
+        off, smask = _scale_offsets(desc.layout, r, gcol, m, n_groups)
+        plgpu.store(scale_ref.at[_oob(off, smask, scale_ref.shape[0])], jnp.where(live, sbytes, 0).astype(jnp.uint8),
+                    mask=smask)
+
+
+# ------------------------------------------------------------------ wrapper
+def _default_interpret() -> bool:
+    return jax.default_backend() != "gpu"
+
+
+def _rows_cover(key: QuantKey, m: int) -> int:
+    lay = key.scale.layout
+    if not key.scale.group_shape.is_per_group() or key.scale.static:
+        return m
+    if lay in (ScaleLayout.COL_MAJOR_TMA, ScaleLayout.PACKED_UE8M0):
+        return round_up(m, 4)
+    if lay == ScaleLayout.SWIZZLED_128x4:
+        return round_up(m, 128)
+    return m
+
+
+def _check_key(key: QuantKey) -> None:
+    gs = key.scale.group_shape
+    fmt = key.format
+    if fmt in (QuantFormat.FP8, QuantFormat.INT8) and not key.scale.static:
+        if not (gs.is_per_tensor() or gs.is_per_token() or gs.is_per_group()):
+            raise QuantLayoutError(f"{key}: dynamic scales need per-tensor, per-token or per-token-group groups")
+    if fmt == QuantFormat.INT8 and not key.scale.static and not gs.is_per_token():
+        raise QuantLayoutError(f"{key}: dynamic int8 is per-token only (vLLM's scaled_int8_quant)")
+
+
+def _scalar_arr(v: Any, what: str) -> jax.Array:
+    a = jnp.asarray(v, F32)
+    if a.size != 1:
+        raise QuantLayoutError(f"{what} must hold one value, got shape {a.shape}")
+    return a.reshape(1)
+
+
+def _run(op: str, x: jax.Array, key: QuantKey, *, k: int, weight=None, residual=None, eps: float = 1e-6,
+         add_in_f32: bool = True, scale=None, global_scale=None, scale_ub=None,
+         config: ProducerConfig | None = None, interpret: bool | None = None):
+    if not isinstance(key, QuantKey):
+        raise TypeError(f"key must be a QuantKey, got {key!r}")
+    if x.dtype not in (jnp.float32, jnp.float16, jnp.bfloat16):
+        raise QuantLayoutError(f"input dtype must be float32/float16/bfloat16, got {x.dtype}")
+    if x.ndim < 1:
+        raise QuantLayoutError("input must have at least one dimension")
+    _check_key(key)
+    check_k_divisible(key, k)
+    if key.is_fp4 and k % 2:
+        raise QuantLayoutError(f"{key}: packed fp4 needs an even K, got {k}")
+    interpret = _default_interpret() if interpret is None else interpret
+    lead = x.shape[:-1]
+    m = int(np.prod(lead, dtype=np.int64))
+    x2 = x.reshape(m, x.shape[-1])
+    if pl.next_power_of_2(k) > MAX_BLOCK_ELEMS:
+        raise QuantLayoutError(f"rows wider than {MAX_BLOCK_ELEMS} elements are not supported yet (K={k})")
+    cfg = config or heuristic_config(m, k)
+    fmt, desc = key.format, key.scale
+    orig_shape = (*lead, k)
+
+    inputs = [x2]
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise QuantLayoutError(f"residual must be {tuple(x.shape)} {x.dtype}, got "
+                                   f"{tuple(residual.shape)} {residual.dtype}")
+        inputs.append(residual.reshape(m, k))
+    if op == "rms":
+        weight = jnp.asarray(weight)
+        if weight.shape != (k,):
+            raise QuantLayoutError(f"weight must have shape ({k},), got {tuple(weight.shape)}")
+        inputs.append(weight)
+    static_storage = None
+    scale_slot = len(inputs)  # kernel order: x, residual, weight, scale, global_scale, scale_ub
+    if desc.static:
+        if scale is None:
+            raise QuantLayoutError(f"{key} is static: pass its scale (or a layer exposing input_scale)")
+        scale = jnp.asarray(scale)
+        want = scale_storage_shape(desc, m, k)
+        if desc.group_shape.is_per_tensor() and scale.size == 1:
+            scale = scale.reshape(1)
+        if tuple(scale.shape) != want:
+            raise QuantLayoutError(f"{key}: static scale has shape {tuple(scale.shape)}, expected {want} "
+                                   f"for [M={m}, K={k}]")
+        static_storage = scale
+        flat = scale.reshape(-1)
+        if flat.dtype not in (jnp.uint8,) and key.format != QuantFormat.FP8 and key.format != QuantFormat.INT8:
+            flat = jax.lax.bitcast_convert_type(flat, jnp.uint8)
+        inputs.append(flat.astype(F32) if fmt in (QuantFormat.FP8, QuantFormat.INT8) else flat)
+    if fmt == QuantFormat.NVFP4:
+        if global_scale is None:
+            raise QuantLayoutError(f"{key} needs global_scale (the quantisation multiplier 448*6/amax)")
+        inputs.append(_scalar_arr(global_scale, "global_scale"))
+    has_ub = scale_ub is not None
+    if has_ub:
+        inputs.append(_scalar_arr(scale_ub, "scale_ub"))
+
+    spec = _Spec(op=op, key=key, m=m, k=k, in_dtype=x.dtype, block_m=cfg.block_m, rows_cover=_rows_cover(key, m),
+                 has_residual=residual is not None, add_in_f32=add_in_f32, eps=float(eps), has_ub=has_ub,
+                 interpret=interpret)
+    params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def call(spec_, inputs_, out_shapes):
+        return pl.pallas_call(
+            functools.partial(_kernel, spec=spec_, cfg=cfg),
+            out_shape=out_shapes, grid=(cdiv(spec_.rows_cover, cfg.block_m),),
+            compiler_params=params, interpret=interpret, name=f"quantact_{op}_{fmt.value}",
+        )(*inputs_)
+
+    data_shape = (m, k // 2) if key.is_fp4 else (m, k)
+    data_dtype = jnp.uint8 if key.is_fp4 else jnp.dtype(key.dtype)
+    res_shape = [jax.ShapeDtypeStruct((m, k), x.dtype)] if residual is not None else []
+
+    if fmt in (QuantFormat.FP8, QuantFormat.INT8) and not desc.static and desc.group_shape.is_per_tensor():
+        # pass 1: per-row amax of v; scale in XLA (the reference's formula); pass 2: quantize with it
+        a_spec = dataclasses.replace(spec, amax_only=True)
+        amax_rows = call(a_spec, inputs, [jax.ShapeDtypeStruct((m,), F32)])[0]
+        s = jnp.maximum(exact.div(jnp.max(amax_rows).reshape(1), ref.FP8_MAX), np.float32(ref.FP8_MIN_SCALE))
+        q_spec = dataclasses.replace(spec, tensor_scale_given=True)
+        q_inputs = [*inputs[:scale_slot], s, *inputs[scale_slot:]]
+        outs = call(q_spec, q_inputs, [jax.ShapeDtypeStruct(data_shape, data_dtype),
+                                           jax.ShapeDtypeStruct((1,), F32), *res_shape])
+        data, scale_out = outs[0], outs[1]
+    else:
+        storage_shape = scale_storage_shape(desc, m, k)
+        sdt = desc.storage_dtype
+        kernel_sdt = jnp.uint8 if sdt in ("float8_e4m3fn", "float8_e8m0fnu") else jnp.dtype(sdt)
+        n_scale = int(np.prod(storage_shape)) if not desc.static else 1
+        outs = call(spec, inputs, [jax.ShapeDtypeStruct(data_shape, data_dtype),
+                                   jax.ShapeDtypeStruct((n_scale,), kernel_sdt), *res_shape])
+        data = outs[0]
+        if desc.static:
+            scale_out = static_storage
+        else:
+            scale_out = outs[1].reshape(storage_shape)
+            if kernel_sdt != jnp.dtype(sdt):
+                scale_out = jax.lax.bitcast_convert_type(scale_out, jnp.dtype(sdt))
+    res_out = outs[2].reshape(x.shape) if residual is not None else None
+    qa = QuantizedActivation(data.reshape(*lead, data_shape[-1]), scale_out, x.dtype, orig_shape, key)
+    return qa, res_out
+
+
+def _key_and_scales(key: QuantKey | None, layer: Any, scale, global_scale):
+    """Resolve the key and scales from an explicit key or a consumer layer's exposure."""
+    if key is None and layer is None:
+        raise TypeError("pass a QuantKey or a layer that exposes one")
+    if layer is not None:
+        lkey = get_input_quant_key(layer, required=True)
+        if key is not None and key != lkey:
+            raise QuantLayoutError(f"requested {key} but the layer exposes {lkey}")
+        key = lkey
+        scales = get_input_quant_scales(layer)
+        if scale is None:
+            scale = scales.input_scale
+        if global_scale is None and scales.global_scale is not None:
+            global_scale = scales.global_scale
+            if scales.global_scale_direction == ScaleDirection.DEQUANT:
+                global_scale = 1.0 / jnp.asarray(global_scale, F32)
+    return key, scale, global_scale
+
+
+# ------------------------------------------------------------------ public ops
+def quantize(x: jax.Array, key: QuantKey | None = None, *, layer: Any = None, scale: Any = None,
+             global_scale: Any = None, scale_ub: Any = None, config: ProducerConfig | None = None,
+             interpret: bool | None = None) -> QuantizedActivation:
+    """Quantize ``x [..., K]`` with ``key`` (or the key ``layer`` exposes) in one Pallas pass.
+
+    Same arguments and bits as ``reference.quantize``. ``interpret`` defaults to
+    True when JAX's default backend is not a GPU.
+    """
+    key, scale, global_scale = _key_and_scales(key, layer, scale, global_scale)
+    x = jnp.asarray(x)
+    return _run("quant", x, key, k=x.shape[-1], scale=scale, global_scale=global_scale, scale_ub=scale_ub,
+                config=config, interpret=interpret)[0]
+
+
+def rms_norm_quant(x: jax.Array, weight: jax.Array, key: QuantKey | None = None, *, layer: Any = None,
+                   eps: float = 1e-6, residual: jax.Array | None = None, scale: Any = None,
+                   global_scale: Any = None, scale_ub: Any = None, config: ProducerConfig | None = None,
+                   interpret: bool | None = None) -> tuple[QuantizedActivation, jax.Array | None]:
+    """Fused (residual add +) RMSNorm -> quant; returns ``(activation, residual_out)``.
+
+    Static keys add the residual in the input dtype, dynamic keys in f32 (vLLM).
+    """
+    key, scale, global_scale = _key_and_scales(key, layer, scale, global_scale)
+    x = jnp.asarray(x)
+    return _run("rms", x, key, k=x.shape[-1], weight=weight, residual=residual, eps=eps,
+                add_in_f32=not key.scale.static, scale=scale, global_scale=global_scale, scale_ub=scale_ub,
+                config=config, interpret=interpret)
+
+
+def silu_and_mul_quant(x: jax.Array, key: QuantKey | None = None, *, layer: Any = None, scale: Any = None,
+                       global_scale: Any = None, scale_ub: Any = None, config: ProducerConfig | None = None,
+                       interpret: bool | None = None) -> QuantizedActivation:
+    """Fused SiLU-and-mul -> quant of ``x [..., 2d] = [gate | up]``."""
+    key, scale, global_scale = _key_and_scales(key, layer, scale, global_scale)
+    x = jnp.asarray(x)
+    if x.shape[-1] % 2:
+        raise QuantLayoutError(f"silu_and_mul needs an even last dimension, got {x.shape[-1]}")
+    return _run("silu", x, key, k=x.shape[-1] // 2, scale=scale, global_scale=global_scale,
+                scale_ub=scale_ub, config=config, interpret=interpret)[0]
+
+
+__all__ = ["ProducerConfig", "heuristic_config", "quantize", "rms_norm_quant", "silu_and_mul_quant"]
