@@ -38,9 +38,48 @@ def mul(a, b) -> jax.Array:
     return lax.optimization_barrier(jnp.asarray(a, F32) * jnp.asarray(b, F32))
 
 
+# (mantissa bits, minimum normal exponent, largest finite value) of the narrow formats
+_FORMATS = {"bfloat16": (7, -126, 3.3895313892515355e38), "float16": (10, -14, 65504.0),
+            "float8_e4m3fn": (3, -6, 448.0)}
+
+
 def round_to(v: jax.Array, dtype) -> jax.Array:
-    """Round f32 ``v`` to ``dtype`` (RNE) and back to f32, rounding for real."""
+    """Round f32 ``v`` to ``dtype`` (round to nearest even, subnormals included) and
+    return the result as f32.
+
+    Done in integer arithmetic on the f32 bits: XLA:CPU may drop an
+    f32 -> bf16 -> f32 convert pair (excess precision) even behind an
+    ``optimization_barrier``; integer ops it cannot rewrite. Values past the
+    format's range become +-inf (the caller clips first where vLLM saturates);
+    NaN stays NaN. f32 inputs that are themselves subnormal are not expected.
+    """
     dtype = jnp.dtype(dtype)
-    if dtype == F32:  # nothing to round, but keep XLA from re-associating products around it
-        return lax.optimization_barrier(v.astype(F32))
-    return lax.optimization_barrier(v.astype(dtype)).astype(F32)
+    v = jnp.asarray(v, F32)
+    if dtype == F32:
+        return v
+    p, emin, fmax = _FORMATS[dtype.name]
+    u32 = jnp.uint32
+    b = lax.bitcast_convert_type(v, u32)
+    sign = b & u32(0x80000000)
+    a = b & u32(0x7FFFFFFF)
+    ex = (a >> 23).astype(jnp.int32)  # biased exponent of |v|
+    mant = (a & u32(0x7FFFFF)) | u32(0x800000)  # 24-bit significand
+    # bits to drop: 23 - p at normal exponents, more below the format's normal range
+    shift = (23 - p) + jnp.maximum(0, (emin + 127) - ex)
+    shift = jnp.minimum(shift, 31).astype(u32)
+    q = mant >> shift
+    rem = mant & ((u32(1) << shift) - u32(1))
+    half = u32(1) << (shift - u32(1))
+    q = q + ((rem > half) | ((rem == half) & ((q & u32(1)) == u32(1)))).astype(u32)
+    # q * 2**(ex - 150 + shift): q < 2**25 converts to f32 exactly; the power of two is built from bits
+    e2 = (ex - 150 + shift.astype(jnp.int32) + 127)
+    # e2 < 1 (bf16 results below 2**-119) has no normal f32 power of two: scale by
+    # 2**64 more, then multiply by 2**-64 (both exact while the result is normal)
+    lo = e2 < 1
+    pow2 = lax.bitcast_convert_type((jnp.clip(jnp.where(lo, e2 + 64, e2), 1, 254).astype(u32) << 23), F32)
+    mag = q.astype(F32) * pow2
+    mag = jnp.where(lo, mag * jnp.float32(2.0 ** -64), mag)
+    mag = jnp.where(mag > fmax, jnp.inf, mag)
+    mag = jnp.where(a >= u32(0x7F800000), jnp.abs(v), mag)  # inf, nan pass through
+    mag = jnp.where(a == u32(0), 0.0, mag)
+    return lax.bitcast_convert_type(lax.bitcast_convert_type(mag, u32) | sign, F32)

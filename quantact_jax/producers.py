@@ -97,6 +97,12 @@ class _Math:
     def mul(self, a, b):
         return exact.mul(a, b) if self.interpret else self._asm("mul", a, b)
 
+    def round_to(self, v, dtype):
+        """f32 -> dtype (RNE) -> f32; real converts on GPU, integer arithmetic when interpreting."""
+        if self.interpret:
+            return exact.round_to(v, dtype)
+        return v.astype(dtype).astype(F32)
+
     def rint(self, a):
         """Round half to even to an integral f32."""
         if self.interpret:
@@ -130,9 +136,13 @@ class _Spec:
         return pl.next_power_of_2(self.k)
 
 
-def _tree_sum_rows(v: jax.Array) -> jax.Array:
+def _tree_sum_rows(v: jax.Array, interpret: bool) -> jax.Array:
     """Pairwise adjacent-pair tree over the last axis (width a power of two): the
-    order of ``reference.tree_sum``."""
+    order of ``reference.tree_sum``. Triton: size-2 reductions of a reshape (it has
+    no strided value slices); interpret mode: the reference's slices (XLA would
+    merge the chained reductions into one of its own order)."""
+    if interpret:
+        return ref.tree_sum(v)
     while v.shape[-1] > 1:
         v = jnp.sum(v.reshape(*v.shape[:-1], v.shape[-1] // 2, 2), axis=-1)
     return v.reshape(v.shape[:-1])
@@ -205,11 +215,11 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
         g, u = load(x_ref).astype(F32), load(x_ref, k).astype(F32)
         silu = mth.div(g, 1.0 + jnp.exp(-g))
         if fmt == QuantFormat.FP8 and desc.static:
-            v = exact.round_to(exact.round_to(silu, t) * u, t)
+            v = mth.round_to(mth.round_to(silu, t) * u, t)
         elif fmt == QuantFormat.FP8:
             v = silu * u
         else:
-            v = exact.round_to(silu * u, t)
+            v = mth.round_to(silu * u, t)
     else:  # rms
         xv = load(x_ref)
         if spec.has_residual:
@@ -217,16 +227,16 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
             if spec.add_in_f32:
                 z = xv.astype(F32) + rv.astype(F32)
             else:
-                z = exact.round_to(xv.astype(F32) + rv.astype(F32), t)
+                z = mth.round_to(xv.astype(F32) + rv.astype(F32), t)
             res_out = z.astype(t)
             if res_out_ref is not None:
                 plgpu.store(res_out_ref.at[pl.ds(row0, bm), pl.ds(0, bk)], res_out, mask=mask)
         else:
             z = xv.astype(F32)
-        ms = mth.div(_tree_sum_rows(mth.mul(z, z)), np.float32(k))[:, None]
+        ms = mth.div(_tree_sum_rows(mth.mul(z, z), spec.interpret), np.float32(k))[:, None]
         inv = mth.div(1.0, mth.sqrt(ms + np.float32(spec.eps)))
         w = plgpu.load(w_ref.at[pl.ds(0, bk)], mask=c[0] < k, other=0)[None, :]
-        v = exact.round_to(exact.round_to(z * inv, t) * w.astype(F32), t)
+        v = mth.round_to(mth.mul(mth.round_to(mth.mul(z, inv), t), w.astype(F32)), t)
 
     a = jnp.abs(v)
     if spec.amax_only:
@@ -318,7 +328,7 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
             sf = jax.lax.bitcast_convert_type(sbytes, ref.E4M3).astype(F32)
         else:
             amax16 = jnp.max(jnp.abs(groups), axis=2)
-            sf = ref.sat_fp8(mth.div(gs * amax16, ref.FP4_MAX)).astype(F32)
+            sf = mth.round_to(jnp.clip(mth.div(gs * amax16, ref.FP4_MAX), -ref.FP8_MAX, ref.FP8_MAX), ref.E4M3)
         ratio = jnp.where(sf == 0, 0.0, mth.div(gs, sf))
         codes = ref.e2m1_encode(groups * ratio[:, :, None]).reshape(bm, bk)
         sbytes = jax.lax.bitcast_convert_type(sf.astype(ref.E4M3), jnp.uint8)

@@ -292,7 +292,7 @@ def quantize_f32(v: jax.Array, key: QuantKey, orig_dtype, orig_shape, *, scale: 
             sf = _static_scales(key, scale, m, k).astype(F32)
         else:
             amax16 = jnp.max(jnp.abs(groups), axis=2)
-            sf = sat_fp8(exact.div(gs * amax16, FP4_MAX)).astype(F32)
+            sf = exact.round_to(jnp.clip(exact.div(gs * amax16, FP4_MAX), -FP8_MAX, FP8_MAX), E4M3)
         ratio = jnp.where(sf == 0, 0.0, exact.div(gs, sf))
         codes = e2m1_encode(groups * ratio[..., None]).reshape(m, k)
         sf_stored = sf.astype(E4M3)
@@ -364,7 +364,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, residual: jax.Array | 
     ms = exact.div(tree_sum(exact.mul(z, z)), np.float32(k))
     inv = exact.div(1.0, exact.sqrt(ms + np.float32(eps)))
     # T(z * inv) * w in T: the exact f32 product of two T values, rounded to T
-    n = exact.round_to(exact.round_to(z * inv[:, None], t) * weight.astype(F32), t).astype(t)
+    n = exact.round_to(exact.mul(exact.round_to(exact.mul(z, inv[:, None]), t), weight.astype(F32)), t).astype(t)
     return n, res_out
 
 

@@ -14,7 +14,9 @@ Two things are deliberately not bit-exact, each with its reason next to its chec
   rounded), so an element whose SiLU lands next to a rounding boundary may quantize to
   the neighbouring code. Every other op is exact (IEEE +, *, /, correctly rounded
   sqrt, RNE casts), so the difference is bounded: one code step, on a small fraction
-  of elements, and scales within 2**-22 relative (or one step of e4m3/e8m0/pow2).
+  of elements, and scales within 2**-20 relative (or one step of e4m3/e8m0/pow2).
+  Measured on this suite: 0 of ~4M codes differ; 95 of ~195k f32 scales differ, by at
+  most 4 ulps (see ``assert_silu_close``).
 - ``scaled_mm``: the f32 matmul's summation order differs (XLA's dot vs torch's BLAS),
   so outputs agree within the accumulation error bound plus one ulp of the output dtype.
 
@@ -274,30 +276,41 @@ def _logical_scales_f32(storage: np.ndarray, key: QuantKey, m: int, k: int) -> n
 
 def assert_silu_close(qj, qt, key: QuantKey, what: str) -> None:
     """SiLU uses exp, whose last-bit rounding differs between XLA:CPU and torch (different
-    libm/vector implementations, neither correctly rounded); every other op is exact. So:
-    scales agree within 2**-22 relative (f32; an amax off by one ulp) or one step of their
-    format (e4m3 / e8m0 / UE8M0 powers of two), codes agree except a small fraction
-    (<= 1%) that differs by exactly one code step, with the same sign."""
+    vectorised implementations, neither correctly rounded: ~9% of f32 exp results differ by
+    one ulp). Every other op is exact, so the error only propagates: 1 + exp(-g), the
+    division and the multiply by ``up`` each add at most one rounding, so an f32
+    SiLU(g) * up differs by at most a few ulps (measured: ~4% of elements, <= 4 ulps; after
+    rounding to bf16/fp16 almost never). Hence: f32 scales (amax / 448) within 2**-20
+    relative (8 ulps), e4m3 / e8m0 / UE8M0 scales within one step of their format, codes
+    equal except a small fraction (<= 1%; measured 0) that differs by exactly one code
+    step, with the same sign."""
     qt.validate()
     assert qt.quant_key == qj.quant_key and tuple(qt.orig_shape) == qj.orig_shape
     m, k = rows_cols(qj.orig_shape)
     sj = _logical_scales_f32(np.asarray(qj.scale), key, m, k)
     st = _logical_scales_f32(t2n(qt.scale_storage()), key, m, k)
     pow2 = key.scale.ue8m0 or key.scale.dtype == "float8_e8m0fnu"
+    # non-finite scales (an fp16 SiLU*up that overflowed to inf) must match exactly
+    same = (sj == st) | (np.isnan(sj) & np.isnan(st))
+    assert (np.isfinite(sj) == np.isfinite(st)).all() and same[~np.isfinite(sj)].all(), f"{what}: non-finite scales"
     if key.scale.static:
         ok_s = sj == st
     elif pow2:
         ok_s = (sj == st) | (np.maximum(sj, st) == 2 * np.minimum(sj, st))
-    elif key.scale.dtype == "float8_e4m3fn":
-        bj = np.asarray(qj.scale).view(np.uint8).astype(int)
-        bt = t2n(qt.scale_storage()).view(np.uint8).astype(int)
+    elif key.scale.dtype == "float8_e4m3fn":  # adjacent e4m3 values (same sign: scales are >= 0)
+        bj = sj.astype(ml_dtypes.float8_e4m3fn).view(np.uint8).astype(int)
+        bt = st.astype(ml_dtypes.float8_e4m3fn).view(np.uint8).astype(int)
         ok_s = np.abs(bj - bt) <= 1
-        sj, st = bj, bt
     else:
-        ok_s = np.abs(sj - st) <= 2.0 ** -22 * np.maximum(np.abs(sj), np.abs(st))
+        with np.errstate(invalid="ignore"):
+            ok_s = same | (np.abs(sj - st) <= 2.0 ** -20 * np.maximum(np.abs(sj), np.abs(st)))
+    ok_s = ok_s | same
     assert ok_s.all(), f"{what}: scales differ by more than one step: jnp {sj[~ok_s][:4]} torch {st[~ok_s][:4]}"
     cj = _code_steps(np.asarray(qj.data), key)
     ct = _code_steps(t2n(qt.data), key)
+    if key.format in (QuantFormat.FP8, QuantFormat.MXFP8):  # two NaN codes match (only from inf inputs)
+        nan = (np.abs(cj) == 0x7F) & (np.abs(ct) == 0x7F)
+        cj, ct = np.where(nan, 0, cj), np.where(nan, 0, ct)
     d = np.abs(cj - ct)
     assert d.max(initial=0) <= 1, f"{what}: codes differ by {d.max()} steps"
     assert ((cj == 0) | (ct == 0) | (np.sign(cj) == np.sign(ct))).all(), f"{what}: code signs differ"
@@ -306,9 +319,9 @@ def assert_silu_close(qj, qt, key: QuantKey, what: str) -> None:
     SILU_STATS["codes"] += d.size
     SILU_STATS["code_diffs"] += int((d != 0).sum())
     SILU_STATS["scales"] += sj.size
-    SILU_STATS["scale_diffs"] += int((sj != st).sum())
+    SILU_STATS["scale_diffs"] += int((~same).sum())
     SILU_STATS["cases"] += 1
-    SILU_STATS["exact_cases"] += int(frac == 0 and (sj == st).all())
+    SILU_STATS["exact_cases"] += int(frac == 0 and same.all())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
@@ -353,7 +366,8 @@ def test_static_group_scale_forms(layout):
         if layout in (L.COL_MAJOR, L.COL_MAJOR_TMA, L.PACKED_UE8M0):
             view = scale_from_storage(st, key, shape)
             forms["view"] = view
-            forms["logical"] = view.contiguous()
+            if tuple(view.shape) != tuple(st.shape):  # else a contiguous tensor reads as storage (documented)
+                forms["logical"] = view.contiguous()
         for form, s in forms.items():
             qt = tr.quantize(x, key, scale=s)
             assert_same(qj, qt, f"{layout} {shape} {form}")
@@ -365,7 +379,7 @@ def _logical(q, key, m, k):
 
 
 def _both(fn_name, x: torch.Tensor, key, **kw):
-    kj = {a: (np.asarray(b) if isinstance(b, torch.Tensor) else b) for a, b in kw.items()}
+    kj = {a: (t2n(b) if isinstance(b, torch.Tensor) else b) for a, b in kw.items()}
     qj = getattr(jr, fn_name)(t2j(x), key, **kj)
     qt = getattr(tr, fn_name)(x, key, **kw)
     assert_same(qj, qt, f"{key} nan", nan_ok=True, gs=kw.get("global_scale"))
@@ -448,8 +462,8 @@ def test_nan_fp4_and_mx(layout):
     np.testing.assert_array_equal(np.delete(sn.reshape(-1), 9), np.delete(sc.reshape(-1), 9))
     # static NVFP4: only the NaN element's code is 7, its block's scale is the static one
     qs = _both("quantize", xn, kNvfp4Static.with_layout(layout), scale=j2t(qc.scale), global_scale=gs)
-    cs = np.asarray(jr.unpack_fp4(qs.data))
-    cc = np.asarray(jr.unpack_fp4(qc.data))
+    cs = np.array(jr.unpack_fp4(qs.data))
+    cc = np.array(jr.unpack_fp4(qc.data))
     assert cs[1, 20] == 7
     cs[1, 20] = cc[1, 20]
     np.testing.assert_array_equal(cs, cc)
@@ -521,7 +535,7 @@ def test_rounding_ties():
     q = _both("quantize", x, kNvfp4Static, scale=j2t(sf), global_scale=gs)
     codes = np.asarray(jr.unpack_fp4(q.data))
     np.testing.assert_array_equal(codes[0], [0, 2, 2, 4, 4, 6, 6, 7, 7, 0, 1, 5, 5, 6, 7, 0])
-    np.testing.assert_array_equal(codes[1], [8, 10, 10, 12, 12, 14, 14, 15, 15, 8, 9, 13, 13, 14, 15, 0])
+    np.testing.assert_array_equal(codes[1], [8, 10, 10, 12, 12, 14, 14, 15, 15, 8, 9, 13, 13, 14, 15, 8])  # -0 -> 8
 
 
 # ---------------------------------------------------------------- errors
