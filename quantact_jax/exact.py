@@ -34,8 +34,16 @@ def sqrt(a) -> jax.Array:
 
 
 def mul(a, b) -> jax.Array:
-    """IEEE f32 product that cannot be contracted into an FMA with a later add."""
+    """IEEE f32 product, kept out of re-association with neighbouring products."""
     return lax.optimization_barrier(jnp.asarray(a, F32) * jnp.asarray(b, F32))
+
+
+def square(a) -> jax.Array:
+    """``a * a`` that cannot be contracted into an FMA with a later add: the ``max``
+    with 0 (a no-op on squares, NaN propagates) stands between the product and
+    the add, whatever XLA does with barriers."""
+    a = jnp.asarray(a, F32)
+    return jnp.maximum(lax.optimization_barrier(a * a), 0.0)
 
 
 # (mantissa bits, minimum normal exponent, largest finite value) of the narrow formats

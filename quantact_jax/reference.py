@@ -361,7 +361,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, residual: jax.Array | 
         else:  # add in T: the f32 sum of two T values, rounded to T
             z = exact.round_to(x2.astype(F32) + r2.astype(F32), t)
         res_out = z.astype(t).reshape(x.shape)
-    ms = exact.div(tree_sum(exact.mul(z, z)), np.float32(k))
+    ms = exact.div(tree_sum(exact.square(z)), np.float32(k))
     inv = exact.div(1.0, exact.sqrt(ms + np.float32(eps)))
     # T(z * inv) * w in T: the exact f32 product of two T values, rounded to T
     n = exact.round_to(exact.mul(exact.round_to(exact.mul(z, inv[:, None]), t), weight.astype(F32)), t).astype(t)
