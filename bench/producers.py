@@ -1,0 +1,215 @@
+"""Producer benchmark: Pallas fused producers vs XLA-fused jnp, torch eager, torch.compile
+and the device-to-device copy ceiling, side by side in one process.
+
+Effective bandwidth = (input bytes read once + codes written once + scales) / time.
+Usage: python bench/producers.py --out results.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from interop.keys import kFp8Dynamic128Sym, kFp8DynamicTokenSym, kNvfp4Dynamic  # noqa: E402
+from quantact_jax import producers as P  # noqa: E402
+
+
+def time_jax(fn, args, iters=50, reps=5) -> float:
+    """Median over ``reps`` of the mean time (s) of ``iters`` back-to-back async calls."""
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / iters)
+    return statistics.median(times)
+
+
+def time_torch(fn, args, iters=50, reps=5) -> float:
+    import torch
+
+    fn(*args)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn(*args)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / iters)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------- peers (plain, not bit-exact)
+def jnp_rms_token(x, w, eps=1e-6):
+    x32 = x.astype(jnp.float32)
+    inv = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    n = ((x32 * inv).astype(x.dtype) * w).astype(jnp.float32)
+    s = jnp.maximum(jnp.max(jnp.abs(n), axis=-1, keepdims=True) / 448.0, 1 / (448 * 512))
+    return jnp.clip(n / s, -448, 448).astype(jnp.float8_e4m3fn), s
+
+
+def jnp_quant_token(x):
+    x32 = x.astype(jnp.float32)
+    s = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True) / 448.0, 1 / (448 * 512))
+    return jnp.clip(x32 / s, -448, 448).astype(jnp.float8_e4m3fn), s
+
+
+def jnp_silu_group(x, g=128):
+    d = x.shape[-1] // 2
+    gate, up = x[:, :d].astype(jnp.float32), x[:, d:].astype(jnp.float32)
+    y = (gate / (1 + jnp.exp(-gate)) * up).reshape(x.shape[0], d // g, g)
+    s = jnp.maximum(jnp.max(jnp.abs(y), axis=-1, keepdims=True) / 448.0, 1 / (448 * 512))
+    return jnp.clip(y / s, -448, 448).astype(jnp.float8_e4m3fn).reshape(x.shape[0], d), s[..., 0]
+
+
+def torch_rms_token(x, w, eps=1e-6):
+    import torch
+    x32 = x.float()
+    inv = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    n = ((x32 * inv).to(x.dtype) * w).float()
+    s = torch.clamp(n.abs().amax(-1, keepdim=True) / 448.0, min=1 / (448 * 512))
+    return torch.clamp(n / s, -448, 448).to(torch.float8_e4m3fn), s
+
+
+def torch_quant_token(x):
+    import torch
+    x32 = x.float()
+    s = torch.clamp(x32.abs().amax(-1, keepdim=True) / 448.0, min=1 / (448 * 512))
+    return torch.clamp(x32 / s, -448, 448).to(torch.float8_e4m3fn), s
+
+
+def torch_silu_group(x, g=128):
+    import torch
+    d = x.shape[-1] // 2
+    gate, up = x[:, :d].float(), x[:, d:].float()
+    y = (torch.nn.functional.silu(gate) * up).view(x.shape[0], d // g, g)
+    s = torch.clamp(y.abs().amax(-1, keepdim=True) / 448.0, min=1 / (448 * 512))
+    return torch.clamp(y / s, -448, 448).to(torch.float8_e4m3fn).view(x.shape[0], d), s
+
+
+# ---------------------------------------------------------------- cases
+def cases(quick: bool):
+    rms = [(16384, 4096), (8192, 8192)] if not quick else [(4096, 4096)]
+    silu = [(8192, 2 * 14336)] if not quick else [(2048, 2 * 14336)]
+    out = []
+    for m, k in rms:
+        out.append(dict(name="rms_norm+per-token fp8", m=m, k=k, kind="rms", key=kFp8DynamicTokenSym,
+                        bytes=m * k * 2 + k * 2 + m * k + m * 4))
+        out.append(dict(name="quant per-token fp8", m=m, k=k, kind="quant", key=kFp8DynamicTokenSym,
+                        bytes=m * k * 2 + m * k + m * 4))
+        out.append(dict(name="rms_norm+nvfp4", m=m, k=k, kind="rms", key=kNvfp4Dynamic,
+                        bytes=m * k * 2 + k * 2 + m * k // 2 + m * k // 16))
+    for m, k2 in silu:
+        d = k2 // 2
+        out.append(dict(name="silu_and_mul+group-128 fp8", m=m, k=k2, kind="silu", key=kFp8Dynamic128Sym,
+                        bytes=m * k2 * 2 + m * d + m * d // 128 * 4))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--configs", action="store_true", help="also sweep ProducerConfig (block_m, num_warps)")
+    args = ap.parse_args()
+    if jax.default_backend() != "gpu":
+        print("no GPU: the producer benchmark needs one (kernels would run in interpret mode)")
+        return 0
+    import torch
+
+    dev = torch.device("cuda")
+    rng = np.random.default_rng(0)
+    # copy ceiling
+    buf = torch.empty(1 << 30, dtype=torch.uint8, device=dev).random_(0, 255)
+    t_copy = time_torch(lambda b: b.clone(), (buf,), iters=20)
+    copy_bw = 2 * buf.numel() / t_copy
+    del buf
+    results = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                   jax=jax.__version__, torch=torch.__version__, python=platform.python_version(),
+                   copy_tb_s=copy_bw / 1e12, cases=[])
+    print(f"copy ceiling: {copy_bw / 1e12:.2f} TB/s")
+    for c in cases(args.quick):
+        m, k, kind, key = c["m"], c["k"], c["kind"], c["key"]
+        xt = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        wt = (1 + 0.1 * torch.randn(k if kind != "silu" else 1, device=dev)).to(torch.bfloat16)
+        x = jnp.asarray(np.asarray(xt.float().cpu()), jnp.bfloat16)
+        w = jnp.asarray(np.asarray(wt.float().cpu()), jnp.bfloat16)
+        kw = {"global_scale": np.float32(448 * 6 / 6.0)} if key.is_fp4 else {}
+        row = dict(name=c["name"], shape=[m, k], key=str(key), bytes=c["bytes"])
+        if kind == "rms":
+            ours = jax.jit(lambda x, w: P.rms_norm_quant(x, w, key, **kw)[0])
+            peers = {"xla_jnp": (jax.jit(jnp_rms_token), (x, w)), "torch_eager": (torch_rms_token, (xt, wt))}
+            peers["torch_compile"] = (torch.compile(torch_rms_token), (xt, wt))
+            ours_args = (x, w)
+        elif kind == "quant":
+            ours = jax.jit(lambda x: P.quantize(x, key, **kw))
+            peers = {"xla_jnp": (jax.jit(jnp_quant_token), (x,)), "torch_eager": (torch_quant_token, (xt,)),
+                     "torch_compile": (torch.compile(torch_quant_token), (xt,))}
+            ours_args = (x,)
+        else:
+            ours = jax.jit(lambda x: P.silu_and_mul_quant(x, key))
+            peers = {"xla_jnp": (jax.jit(jnp_silu_group), (x,)), "torch_eager": (torch_silu_group, (xt,)),
+                     "torch_compile": (torch.compile(torch_silu_group), (xt,))}
+            ours_args = (x,)
+        if key.is_fp4:  # peers implement fp8 per-token; an fp4 row is reported against the copy ceiling only
+            peers = {}
+        t = time_jax(ours, ours_args)
+        row["quantact_us"] = t * 1e6
+        row["quantact_tb_s"] = c["bytes"] / t / 1e12
+        for name, (fn, a) in peers.items():
+            tp = (time_jax if name == "xla_jnp" else time_torch)(fn, a)
+            row[f"{name}_us"] = tp * 1e6
+            row[f"{name}_tb_s"] = c["bytes"] / tp / 1e12
+            row[f"speedup_vs_{name}"] = tp / t
+        row["fraction_of_copy"] = row["quantact_tb_s"] * 1e12 / copy_bw
+        if args.configs:
+            sweep = {}
+            for bm in (1, 2, 4, 8):
+                for nw in (4, 8, 16):
+                    cfg = P.ProducerConfig(block_m=bm, num_warps=nw)
+                    if kind == "rms":
+                        f = jax.jit(lambda x, w, cfg=cfg: P.rms_norm_quant(x, w, key, config=cfg, **kw)[0])
+                    elif kind == "quant":
+                        f = jax.jit(lambda x, cfg=cfg: P.quantize(x, key, config=cfg, **kw))
+                    else:
+                        f = jax.jit(lambda x, cfg=cfg: P.silu_and_mul_quant(x, key, config=cfg))
+                    try:
+                        sweep[f"bm{bm}_w{nw}"] = time_jax(f, ours_args, iters=20, reps=3) * 1e6
+                    except Exception as e:  # a config may not compile (registers, shared memory)
+                        sweep[f"bm{bm}_w{nw}"] = f"error: {type(e).__name__}"
+            row["config_sweep_us"] = sweep
+        results["cases"].append(row)
+        print(json.dumps(row), flush=True)
+    hdr = f"{'op':28s} {'shape':>14s} {'ours TB/s':>9s} {'%copy':>6s} {'xla':>6s} {'compile':>7s} {'eager':>6s}"
+    print(hdr)
+    for r in results["cases"]:
+        print(f"{r['name']:28s} {str(tuple(r['shape'])):>14s} {r['quantact_tb_s']:9.2f} {100 * r['fraction_of_copy']:6.1f}"
+              f" {r.get('xla_jnp_tb_s', float('nan')):6.2f} {r.get('torch_compile_tb_s', float('nan')):7.2f}"
+              f" {r.get('torch_eager_tb_s', float('nan')):6.2f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
