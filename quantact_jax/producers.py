@@ -64,9 +64,19 @@ class ProducerConfig:
             raise ValueError(f"num_warps must be a power of two <= 32, got {self.num_warps}")
 
 
-def heuristic_config(m: int, k: int) -> ProducerConfig:
-    """Rows per program so that one program handles ~4-8K elements; warps by row width."""
-    bk = pl.next_power_of_2(k)
+def heuristic_config(m: int, width: int, op: str = "quant") -> ProducerConfig:
+    """Rows per program and warps for a row tile ``width`` wide (a K chunk or a whole row).
+
+    From the H100 sweep (bench/producers.py --configs): whole-row RMSNorm is fastest with
+    2 rows x 16 warps at K = 4096-8192 (its pairwise tree wants many threads); plain
+    quantization with ~4K elements per program and 4-8 warps.
+    """
+    bk = pl.next_power_of_2(width)
+    if op == "rms":
+        block_m = max(1, min(pl.next_power_of_2(max(m, 1)), 8192 // bk if bk < 8192 else 1))
+        elems = block_m * bk
+        num_warps = 16 if elems >= 8192 else 8 if elems >= 2048 else 4
+        return ProducerConfig(block_m=block_m, num_warps=num_warps)
     block_m = max(1, min(pl.next_power_of_2(max(m, 1)), 4096 // bk if bk < 4096 else 1))
     num_warps = 4 if bk * block_m <= 4096 else 8 if bk * block_m <= 16384 else 16
     return ProducerConfig(block_m=block_m, num_warps=num_warps)
@@ -131,10 +141,11 @@ class _Spec:
     tensor_scale_given: bool = False  # pass 2 of a dynamic per-tensor quant
     interpret: bool = False
     n_poison: int = 0  # aliased, pre-filled output buffers appended to the inputs (tests)
+    bc: int = 0  # column chunk per program (a power of two dividing k); 0: the whole row
 
     @property
     def bk(self) -> int:
-        return pl.next_power_of_2(self.k)
+        return self.bc or pl.next_power_of_2(self.k)
 
 
 def _tree_sum_rows(v: jax.Array, interpret: bool) -> jax.Array:
@@ -197,18 +208,25 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
 
     bm, bk, m, k = spec.block_m, spec.bk, spec.m, spec.k
     row0 = pl.program_id(0) * bm
+    col0 = pl.program_id(1) * bk if spec.bc else 0
+    last_chunk = (pl.program_id(1) == pl.num_programs(1) - 1) if spec.bc else True
     r = row0 + jnp.arange(bm, dtype=jnp.int32)[:, None]
-    c = jnp.arange(bk, dtype=jnp.int32)[None, :]
+    c = col0 + jnp.arange(bk, dtype=jnp.int32)[None, :]
     rmask, cmask = r < m, c < k
     mask = rmask & cmask
     t = spec.in_dtype
 
-    def load(ref_, col0=0):
-        if col0 + bk <= ref_.shape[1]:
-            return plgpu.load(ref_.at[pl.ds(row0, bm), pl.ds(col0, bk)], mask=mask, other=0)
+    def load(ref_, off=0):
+        if spec.bc or off + bk <= ref_.shape[1]:
+            return plgpu.load(ref_.at[pl.ds(row0, bm), pl.ds(off + col0, bk)], mask=mask, other=0)
         # a window past the row end: element indexing (masked lanes are never read)
-        return plgpu.load(ref_.at[jnp.minimum(r, m - 1), jnp.minimum(col0 + c, ref_.shape[1] - 1)],
+        return plgpu.load(ref_.at[jnp.minimum(r, m - 1), jnp.minimum(off + c, ref_.shape[1] - 1)],
                           mask=mask, other=0)
+
+    def store_data(val, width=bk, start=None):
+        cols = jnp.arange(width, dtype=jnp.int32)[None, :] + (col0 if start is None else start)
+        plgpu.store(data_ref.at[pl.ds(row0, bm), pl.ds(col0 if start is None else start, width)], val,
+                    mask=rmask & (cols < data_ref.shape[1]))
 
     # ---- the pre-quant value v (f32, zero outside [m, k])
     if spec.op == "quant":
@@ -251,12 +269,15 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
         sat = ref.sat_fp8 if fmt == QuantFormat.FP8 else functools.partial(_sat_int8, mth=mth)
         gs_ = desc.group_shape
         if desc.static or spec.tensor_scale_given:
-            if gs_.is_per_tensor():
+            if spec.tensor_scale_given:  # dynamic per-tensor, pass 2: s_in holds the global amax
+                amax_t = plgpu.load(s_in_ref.at[pl.ds(0, 1)]).reshape(1, 1)
+                s = jnp.maximum(mth.div(amax_t, qmax), ref.FP8_MIN_SCALE)
+            elif gs_.is_per_tensor():
                 s = plgpu.load(s_in_ref.at[pl.ds(0, 1)]).reshape(1, 1)
             elif gs_.is_per_token():
                 s = plgpu.load(s_in_ref.at[pl.ds(row0, bm)], mask=r[:, 0] < m, other=1.0)[:, None]
             elif gs_.is_per_channel():
-                s = plgpu.load(s_in_ref.at[pl.ds(0, bk)], mask=c[0] < k, other=1.0)[None, :]
+                s = plgpu.load(s_in_ref.at[pl.ds(col0, bk)], mask=c[0] < k, other=1.0)[None, :]
             else:  # static 2-D blocks, row-major [cdiv(m, gr), cdiv(k, gc)]
                 gr, gc = gs_
                 nkb = cdiv(k, gc)
@@ -266,7 +287,7 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
                 q = sat(v * mth.div(1.0, s))
             else:
                 q = sat(mth.div(v, s))
-            plgpu.store(data_ref.at[pl.ds(row0, bm), pl.ds(0, bk)], q, mask=mask)
+            store_data(q)
             if not spec.tensor_scale_given:
                 return  # static scales are the caller's; the wrapper passes them through
             plgpu.store(scale_ref.at[pl.ds(0, 1)], s.reshape(1), mask=(pl.program_id(0) == 0) & (
@@ -291,12 +312,12 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
             s = ref.pow2_ceil(s)
         s_full = jnp.broadcast_to(s[:, :, None], (bm, ng, gsize)).reshape(bm, bk)
         q = sat(mth.div(v, s_full))
-        plgpu.store(data_ref.at[pl.ds(row0, bm), pl.ds(0, bk)], q, mask=mask)
+        store_data(q)
         if gs_.is_per_token():
             plgpu.store(scale_ref.at[pl.ds(row0, bm)], s[:, 0], mask=r[:, 0] < m)
             return
         n_groups = k // gsize
-        gcol = jnp.arange(ng, dtype=jnp.int32)[None, :]
+        gcol = col0 // gsize + jnp.arange(ng, dtype=jnp.int32)[None, :]
         live = (r < m) & (gcol < n_groups)
         if desc.layout == ScaleLayout.PACKED_UE8M0:
             b = jnp.where(live, (jax.lax.bitcast_convert_type(s, U32) >> 23) & 0xFF, 0).astype(U32)
@@ -305,7 +326,7 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
             shifts = (jnp.arange(per, dtype=U32) * 8)[None, None, :]
             words = jnp.sum(b.reshape(bm, nw, per) << shifts, axis=-1)
             mp, nwords = round_up(m, 4), cdiv(n_groups, 4)
-            wcol = jnp.arange(nw, dtype=jnp.int32)[None, :]
+            wcol = col0 // (4 * gsize) + jnp.arange(nw, dtype=jnp.int32)[None, :]
             wmask = (r < mp) & (wcol < nwords)
             plgpu.store(scale_ref.at[_oob(wcol * mp + r, wmask, mp * nwords)],
                         jax.lax.bitcast_convert_type(words, jnp.int32), mask=wmask)
@@ -319,7 +340,7 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
     ng = bk // gsize
     n_groups = k // gsize
     groups = v.reshape(bm, ng, gsize)
-    gcol = jnp.arange(ng, dtype=jnp.int32)[None, :]
+    gcol = col0 // gsize + jnp.arange(ng, dtype=jnp.int32)[None, :]
     live = (r < m) & (gcol < n_groups)
     if desc.static:
         off, smask = _scale_offsets(desc.layout, r, gcol, m, n_groups)
@@ -344,18 +365,19 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
     if key.is_fp4:
         pairs = codes.reshape(bm, bk // 2, 2).astype(U32)
         packed = jnp.sum(pairs << (jnp.arange(2, dtype=U32) * 4)[None, None, :], axis=-1).astype(jnp.uint8)
-        half = jnp.arange(bk // 2, dtype=jnp.int32)[None, :]
-        plgpu.store(data_ref.at[pl.ds(row0, bm), pl.ds(0, bk // 2)], packed, mask=rmask & (half < k // 2))
+        store_data(packed, bk // 2, col0 // 2)
     else:
-        plgpu.store(data_ref.at[pl.ds(row0, bm), pl.ds(0, bk)], codes, mask=mask)
+        store_data(codes)
     if not desc.static:
         off, smask = _scale_offsets(desc.layout, r, gcol, m, n_groups)
         plgpu.store(scale_ref.at[_oob(off, smask, scale_ref.shape[0])], jnp.where(live, sbytes, 0).astype(jnp.uint8),
                     mask=smask)
-        if desc.layout == ScaleLayout.SWIZZLED_128x4 and ng < round_up(n_groups, 4):
-            # the tile pads groups to 4 but this row holds fewer: zero the padding columns too
-            pcol = ng + jnp.arange(4, dtype=jnp.int32)[None, :]
+        covered = (k // bk) * ng if spec.bc else ng  # groups the programs of a row cover
+        if desc.layout == ScaleLayout.SWIZZLED_128x4 and covered < round_up(n_groups, 4):
+            # the tile pads groups to 4 but the row holds fewer: the last chunk zeroes the padding columns
+            pcol = covered + jnp.arange(4, dtype=jnp.int32)[None, :]
             off, smask = _scale_offsets(desc.layout, r, pcol, m, n_groups)
+            smask = smask & last_chunk
             plgpu.store(scale_ref.at[_oob(off, smask, scale_ref.shape[0])], jnp.zeros((bm, 4), jnp.uint8),
                         mask=smask)
 
@@ -374,6 +396,27 @@ def _rows_cover(key: QuantKey, m: int) -> int:
     if lay == ScaleLayout.SWIZZLED_128x4:
         return round_up(m, 128)
     return m
+
+
+def _chunk_width(op: str, key: QuantKey, k: int, max_width: int = 2048) -> int:
+    """Column chunk for group-local keys (per-group scales, NVFP4/MX, static scales): the
+    largest power of two <= ``max_width`` dividing K and holding whole groups (whole
+    packed words for PACKED_UE8M0); 0 (whole rows) for RMSNorm and per-token/per-tensor
+    dynamic scales, which need the full row."""
+    desc = key.scale
+    gs = desc.group_shape
+    if op == "rms" or (not desc.static and not gs.is_per_group()):
+        return 0
+    g = gs.col if gs.is_per_group() else 1
+    if gs.row > 1 and not gs.is_per_tensor():  # static 2-D blocks: keep chunks inside column blocks
+        g = max(g, 1)
+    least = max(g * (4 if desc.layout == ScaleLayout.PACKED_UE8M0 else 1), 64)
+    w = max_width
+    while w >= least:
+        if k % w == 0:
+            return w
+        w //= 2
+    return 0
 
 
 def _check_key(key: QuantKey) -> None:
@@ -421,7 +464,8 @@ def _run(op: str, x: jax.Array, key: QuantKey, *, k: int, weight=None, residual=
     x2 = x.reshape(m, x.shape[-1])
     if pl.next_power_of_2(k) > MAX_BLOCK_ELEMS:
         raise QuantLayoutError(f"rows wider than {MAX_BLOCK_ELEMS} elements are not supported yet (K={k})")
-    cfg = config or heuristic_config(m, k)
+    bc = _chunk_width(op, key, k)
+    cfg = config or heuristic_config(m, bc or k, op)
     fmt, desc = key.format, key.scale
     orig_shape = (*lead, k)
 
@@ -463,7 +507,7 @@ def _run(op: str, x: jax.Array, key: QuantKey, *, k: int, weight=None, residual=
 
     spec = _Spec(op=op, key=key, m=m, k=k, in_dtype=x.dtype, block_m=cfg.block_m, rows_cover=_rows_cover(key, m),
                  has_residual=residual is not None, add_in_f32=add_in_f32, eps=float(eps), has_ub=has_ub,
-                 interpret=interpret)
+                 interpret=interpret, bc=bc)
     params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def call(spec_, inputs_, out_shapes):
@@ -474,7 +518,8 @@ def _run(op: str, x: jax.Array, key: QuantKey, *, k: int, weight=None, residual=
             inputs_ = [*inputs_, *map(_poisoned, out_shapes)]
         return pl.pallas_call(
             functools.partial(_kernel, spec=spec_, cfg=cfg),
-            out_shape=out_shapes, grid=(cdiv(spec_.rows_cover, cfg.block_m),),
+            out_shape=out_shapes,
+            grid=(cdiv(spec_.rows_cover, cfg.block_m), (spec_.k // spec_.bc) if spec_.bc else 1),
             input_output_aliases=aliases,
             compiler_params=params, interpret=interpret, name=f"quantact_{op}_{fmt.value}",
         )(*inputs_)
@@ -485,11 +530,11 @@ def _run(op: str, x: jax.Array, key: QuantKey, *, k: int, weight=None, residual=
 
     if fmt in (QuantFormat.FP8, QuantFormat.INT8) and not desc.static and desc.group_shape.is_per_tensor():
         # pass 1: per-row amax of v; scale in XLA (the reference's formula); pass 2: quantize with it
-        a_spec = dataclasses.replace(spec, amax_only=True)
+        a_spec = dataclasses.replace(spec, amax_only=True, bc=0)
         amax_rows = call(a_spec, inputs, [jax.ShapeDtypeStruct((m,), F32)])[0]
-        s = jnp.maximum(exact.div(jnp.max(amax_rows).reshape(1), ref.FP8_MAX), np.float32(ref.FP8_MIN_SCALE))
-        q_spec = dataclasses.replace(spec, tensor_scale_given=True)
-        q_inputs = [*inputs[:scale_slot], s, *inputs[scale_slot:]]
+        amax_t = jnp.max(amax_rows).reshape(1)  # the scale is formed in pass 2 (exact division)
+        q_spec = dataclasses.replace(spec, tensor_scale_given=True, bc=0)
+        q_inputs = [*inputs[:scale_slot], amax_t, *inputs[scale_slot:]]
         outs = call(q_spec, q_inputs, [jax.ShapeDtypeStruct(data_shape, data_dtype),
                                            jax.ShapeDtypeStruct((1,), F32), *res_shape])
         data, scale_out = outs[0], outs[1]

@@ -500,7 +500,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     ms = true_div(tree_sum(z * z), float(k))
     inv = true_div(1.0, sqrt_rn(ms + _f32(eps, z)))
     # T(z * inv) * w in T: the exact f32 product of two T values, rounded to T
-    n = round_to(round_to(z * inv[:, None], t) * weight.to(t).to(F32), t).to(t)
+    # (``weight`` is expected in T; like the jnp side it is used as given, widened to f32)
+    n = round_to(round_to(z * inv[:, None], t) * weight.to(F32), t).to(t)
     return n, res_out
 
 

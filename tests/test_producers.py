@@ -44,7 +44,8 @@ for _name, _key in ALL_KEYS.items():
                 continue  # static block scales are a plain-quant feature
             CASES.append(pytest.param(_op, _k, id=f"{_op}-{_name}{_lay}"))
 
-SHAPES = [(3, 256), (130, 64), (1, 128)]  # odd M, M crossing the 128-row swizzle tile, a single row
+# odd M; M crossing the 128-row swizzle tile; one row whose K spans several column chunks (512 wide)
+SHAPES = [(3, 256), (130, 64), (1, 1536)]
 
 
 def _inputs(rng, shape, dtype, key):
@@ -95,7 +96,10 @@ def _assert_same(got, want, *, silu_on_gpu: bool):
         # libdevice's expf and XLA:CPU's exp round differently in the last bit, so a SiLU value
         # can land one ulp apart and, near a rounding boundary, move a code by one step or a
         # scale by a few ulps. Everything else in the op is exact, so the bound is tight.
-        assert (gd != wd).mean() < 0.01 and (gs != ws).mean() < 0.05
+        assert (gd != wd).mean() < 0.01, f"{(gd != wd).sum()} of {gd.size} codes differ"
+        sg, sw = (np.asarray(v.scale).astype(np.float32) if v.scale.dtype != jnp.int32 else
+                  np.asarray(v.scale).view(np.uint8).astype(np.float32) for v in (qa, qr))
+        np.testing.assert_allclose(sg, sw, rtol=2.0**-19, atol=0)
         return
     assert (gd == wd).all(), f"{(gd != wd).sum()} of {gd.size} data bytes differ"
     assert (gs == ws).all(), f"{(gs != ws).sum()} of {gs.size} scale bytes differ"

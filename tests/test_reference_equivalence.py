@@ -15,8 +15,9 @@ Two things are deliberately not bit-exact, each with its reason next to its chec
   the neighbouring code. Every other op is exact (IEEE +, *, /, correctly rounded
   sqrt, RNE casts), so the difference is bounded: one code step, on a small fraction
   of elements, and scales within 2**-20 relative (or one step of e4m3/e8m0/pow2).
-  Measured on this suite: 0 of ~4M codes differ; 95 of ~195k f32 scales differ, by at
-  most 4 ulps (see ``assert_silu_close``).
+  Measured over every key variant x dtype x shape of this file: 0 of 3.9M codes differ;
+  129 of 84k scales (0.15%, all f32) differ, by at most 4 ulps; 392 of 420 calls are
+  bit-identical (see ``assert_silu_close``).
 - ``scaled_mm``: the f32 matmul's summation order differs (XLA's dot vs torch's BLAS),
   so outputs agree within the accumulation error bound plus one ulp of the output dtype.
 
@@ -26,7 +27,6 @@ not (a platform difference, not a contract one).
 
 from __future__ import annotations
 
-import math
 import zlib
 
 import jax.numpy as jnp
@@ -40,7 +40,7 @@ from interop.keys import (ALL_KEYS, QuantFormat, QuantKey, ScaleDesc, ScaleLayou
                           kFp8Dynamic64Sym, kFp8DynamicTensorSym, kFp8DynamicTokenSym, kFp8Static128BlockSym,
                           kFp8StaticTensorSym, kInt8DynamicTokenSym, kInt8StaticTensorSym, kMxfp4Dynamic,
                           kMxfp8Dynamic, kNvfp4Dynamic, kNvfp4Static)
-from interop.layout import cdiv, logical_scale_shape, round_up, rows_cols, scale_storage_shape, swizzle_index
+from interop.layout import cdiv, logical_scale_shape, rows_cols, scale_storage_shape, swizzle_index
 from quantact_jax import reference as jr
 from quantact_torch import reference as tr
 from quantact_torch.activation import scale_from_storage
@@ -87,6 +87,8 @@ def _fused_cases(per_test) -> list:
                 out.append(pytest.param(kid, key, dt, *extra, id=f"{kid}-{DT_ID[dt]}" + (
                     f"-{extra[0]}" if extra else "")))
     return out
+
+
 DYNAMIC_TWIN = {QuantFormat.NVFP4: kNvfp4Dynamic, QuantFormat.MXFP8: kMxfp8Dynamic, QuantFormat.MXFP4: kMxfp4Dynamic}
 
 
@@ -254,14 +256,14 @@ def test_quantize_bit_exact(kid, key, dtype):
 @pytest.mark.parametrize("kid,key,dtype,with_residual", _fused_cases([(False,), (True,)]))
 def test_rms_norm_quant_bit_exact(kid, key, dtype, with_residual):
     rng = np.random.default_rng(_seed("rms", kid, dtype, with_residual))
-    for shape in [(3, 384), (5, 512)] if with_residual else [(1, 256), (2, 65, 256)]:
+    for shape in [(3, 384)] if with_residual else [(1, 256), (2, 65, 256)]:
         m, k = rows_cols(shape)
         x = make_x(shape, dtype, rng)
         if dtype != torch.float16:  # keep z*z normal in f32 (XLA flushes subnormals)
             x = torch.where(x.abs() < 2.0 ** -50, torch.full_like(x, 2.0 ** -50), x)
         w = torch.from_numpy(rng.uniform(0.5, 1.5, k).astype(np.float32)).to(dtype)
         res = make_x(shape, dtype, rng, extremes=False) if with_residual else None
-        kj, kt = quant_kwargs(key, m, k, rng, 4.0, ub=key.scale.group_shape.is_per_group() and m == 5)
+        kj, kt = quant_kwargs(key, m, k, rng, 4.0, ub=not key.scale.static and m == 3)
         qj, rj = jr.rms_norm_quant(t2j(x), t2j(w), key, eps=1e-6, residual=None if res is None else t2j(res), **kj)
         qt, rt = tr.rms_norm_quant(x, w, key, eps=1e-6, residual=res, **kt)
         assert_same(qj, qt, f"{kid} {shape}", dequant=False)
@@ -269,6 +271,16 @@ def test_rms_norm_quant_bit_exact(kid, key, dtype, with_residual):
             assert rj is None and rt is None
         else:
             assert_bits_equal(rj, rt, f"{kid} {shape} residual")
+
+
+def test_rms_norm_weight_used_as_given():
+    """An f32 weight with a bf16 input is widened, not rounded to bf16, on both sides."""
+    rng = np.random.default_rng(_seed("rms-weight"))
+    x = make_x((3, 384), torch.bfloat16, rng)
+    w = torch.from_numpy(rng.uniform(0.5, 1.5, 384).astype(np.float32))
+    nj, _ = jr.rms_norm(t2j(x), t2j(w), 1e-6)
+    nt, _ = tr.rms_norm(x, w, 1e-6)
+    assert_bits_equal(nj, nt, "rms_norm")
 
 
 # ---------------------------------------------------------------- SiLU-and-mul -> quant
@@ -348,10 +360,10 @@ def assert_silu_close(qj, qt, key: QuantKey, what: str) -> None:
 @pytest.mark.parametrize("kid,key,dtype", _fused_cases([()]))
 def test_silu_and_mul_quant_close(kid, key, dtype):
     rng = np.random.default_rng(_seed("silu", kid, dtype))
-    for shape in _shapes(key)[1:]:
+    for shape in [(3, 384), (2, 65, 256)]:
         m, d = rows_cols(shape)
         x = make_x((*shape[:-1], 2 * d), dtype, rng)
-        kj, kt = quant_kwargs(key, m, d, rng, 8.0, ub=key.scale.group_shape.is_per_group() and m == 5)
+        kj, kt = quant_kwargs(key, m, d, rng, 8.0, ub=not key.scale.static and m == 3)
         qj = jr.silu_and_mul_quant(t2j(x), key, **kj)
         qt = tr.silu_and_mul_quant(x, key, **kt)
         assert_silu_close(qj, qt, key, f"{kid} {shape}")
@@ -601,18 +613,18 @@ MM_CASES = {
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=DT_ID.get)
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("case", list(MM_CASES))
-def test_scaled_mm_close(case, bias, out_dtype):
+def test_scaled_mm_close(case, out_dtype):
     """Same dequantized operands (checked bit-exact above), but the f32 matmul's summation
     order is XLA's on one side and torch's BLAS on the other. Each side's f32 result is
     within gamma_K * sum_k |a_k w_k| (gamma_K ~ K * 2**-24) of the exact sum, so they
     differ by at most twice that; the final cast to bf16/fp16 may then round the two to
-    neighbouring values: one ulp of the output dtype more."""
+    neighbouring values: one ulp of the output dtype more. Without and with bias."""
     akey, wkey = MM_CASES[case]
-    rng = np.random.default_rng(_seed("mm", case, bias, out_dtype))
-    m, n, k = 130, 130, 256  # n = 130: a partial 128-row weight block
-    x = make_x((m, k), out_dtype, rng, extremes=False)
+    rng = np.random.default_rng(_seed("mm", case, out_dtype))
+    shape, n = (2, 65, 256), 130  # M = 130; n = 130: a partial 128-row weight block
+    m, k = rows_cols(shape)
+    x = make_x(shape, out_dtype, rng, extremes=False)
     w = torch.from_numpy((rng.standard_normal((n, k)) * 0.05).astype(np.float32))
     gsa = np.float32(448 * 6 / float(x.float().abs().max()))
     gsw = np.float32(448 * 6 / float(w.abs().max()))
@@ -625,17 +637,18 @@ def test_scaled_mm_close(case, bias, out_dtype):
     qwt = tr.quantize(w, wkey, **{a: (torch.from_numpy(b) if isinstance(b, np.ndarray) else b) for a, b in kw.items()})
     assert_same(qaj, qat, "a", gs=ka.get("global_scale"))
     assert_same(qwj, qwt, "w", gs=kw.get("global_scale"))
-    b = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(out_dtype) if bias else None
-    oj = jr.scaled_mm(qaj, qwj.data, qwj.scale, wkey, bias=None if b is None else t2j(b),
-                      out_dtype=jnp.dtype(ml_dtypes.bfloat16 if out_dtype == torch.bfloat16 else np.float16),
-                      global_scale_a=ka.get("global_scale"), global_scale_w=kw.get("global_scale"))
-    ot = tr.scaled_mm(qat, qwt.data, qwt.scale, wkey, bias=b, out_dtype=out_dtype,
-                      global_scale_a=ka.get("global_scale"), global_scale_w=kw.get("global_scale"))
-    assert ot.dtype == out_dtype and tuple(ot.shape) == (m, n)
-    oj = np.asarray(oj).astype(np.float64)
-    otn = ot.float().numpy().astype(np.float64)
-    av = np.abs(np.asarray(jr.dequantize(qaj, ka.get("global_scale"))).astype(np.float64))
+    av = np.abs(np.asarray(jr.dequantize(qaj, ka.get("global_scale"))).astype(np.float64)).reshape(m, k)
     wv = np.abs(np.asarray(jr.dequantize_codes(qwj.data, qwj.scale, wkey, (n, k), kw.get("global_scale"))))
-    bound = 2 * k * 2.0 ** -24 * (av @ wv.astype(np.float64).T) + _ulp(np.maximum(np.abs(oj), np.abs(otn)), out_dtype)
-    assert (np.abs(oj - otn) <= bound).all(), f"max excess {np.max(np.abs(oj - otn) - bound)}"
-    assert (oj == otn).mean() > 0.9  # almost all outputs are identical after the cast
+    acc_bound = 2 * k * 2.0 ** -24 * (av @ wv.astype(np.float64).T)
+    for bias in (None, torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(out_dtype)):
+        oj = jr.scaled_mm(qaj, qwj.data, qwj.scale, wkey, bias=None if bias is None else t2j(bias),
+                          out_dtype=jnp.dtype(ml_dtypes.bfloat16 if out_dtype == torch.bfloat16 else np.float16),
+                          global_scale_a=ka.get("global_scale"), global_scale_w=kw.get("global_scale"))
+        ot = tr.scaled_mm(qat, qwt.data, qwt.scale, wkey, bias=bias, out_dtype=out_dtype,
+                          global_scale_a=ka.get("global_scale"), global_scale_w=kw.get("global_scale"))
+        assert ot.dtype == out_dtype and tuple(ot.shape) == (*shape[:-1], n) == tuple(oj.shape)
+        oj = np.asarray(oj).astype(np.float64).reshape(m, n)
+        otn = ot.float().numpy().astype(np.float64).reshape(m, n)
+        bound = acc_bound + _ulp(np.maximum(np.abs(oj), np.abs(otn)), out_dtype)
+        assert (np.abs(oj - otn) <= bound).all(), f"bias={bias is not None}: max excess {np.max(np.abs(oj - otn) - bound)}"
+        assert (oj == otn).mean() > 0.9  # almost all outputs are identical after the cast
