@@ -324,8 +324,8 @@ def _as_tensor(scale: Any) -> torch.Tensor:
     if isinstance(scale, torch.Tensor):
         return scale
     a = np.asarray(scale)
-    if a.dtype == np.float64 or a.dtype.kind in "iu" and a.ndim == 0:
-        a = a.astype(np.float32)  # Python scalars: f32, as jnp.asarray does
+    if a.dtype == np.float64 or (a.dtype.kind in "iu" and a.ndim == 0):
+        a = a.astype(np.float32)  # Python scalars / f64: f32, as jnp.asarray does (x64 off)
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
