@@ -64,22 +64,23 @@ class ProducerConfig:
             raise ValueError(f"num_warps must be a power of two <= 32, got {self.num_warps}")
 
 
-def heuristic_config(m: int, width: int, op: str = "quant") -> ProducerConfig:
+def heuristic_config(m: int, width: int, op: str = "quant", chunked: bool = False) -> ProducerConfig:
     """Rows per program and warps for a row tile ``width`` wide (a K chunk or a whole row).
 
-    From the H100 sweep (bench/producers.py --configs): whole-row RMSNorm is fastest with
-    2 rows x 16 warps at K = 4096-8192 (its pairwise tree wants many threads); plain
-    quantization with ~4K elements per program and 4-8 warps.
+    From the H100 sweeps (bench/producers.py --configs, results in bench/results/):
+    whole-row RMSNorm is fastest with 2 rows per program (8 warps at K=4096, 16 at 8192);
+    whole-row quantization with one row and K/512 warps; K chunks with one row, 4 warps.
     """
     bk = pl.next_power_of_2(width)
+    mp = pl.next_power_of_2(max(m, 1))
+    if chunked:
+        return ProducerConfig(block_m=min(mp, max(1, 2048 // bk)), num_warps=4)
     if op == "rms":
-        block_m = max(1, min(pl.next_power_of_2(max(m, 1)), 8192 // bk if bk < 8192 else 1))
+        block_m = min(mp, 2 if bk >= 4096 else 8192 // bk)
         elems = block_m * bk
-        num_warps = 16 if elems >= 8192 else 8 if elems >= 2048 else 4
-        return ProducerConfig(block_m=block_m, num_warps=num_warps)
-    block_m = max(1, min(pl.next_power_of_2(max(m, 1)), 4096 // bk if bk < 4096 else 1))
-    num_warps = 4 if bk * block_m <= 4096 else 8 if bk * block_m <= 16384 else 16
-    return ProducerConfig(block_m=block_m, num_warps=num_warps)
+        return ProducerConfig(block_m=block_m, num_warps=16 if elems >= 16384 else 8 if elems >= 4096 else 4)
+    block_m = min(mp, max(1, 4096 // bk))
+    return ProducerConfig(block_m=block_m, num_warps=min(16, max(4, block_m * bk // 512)))
 
 
 # ------------------------------------------------------------------ exact arithmetic
@@ -172,6 +173,14 @@ def _oob(off, mask, size: int):
     return jnp.where(mask, off, size)
 
 
+def _amax(a: jax.Array, axis: int, keepdims: bool = False) -> jax.Array:
+    """``max(|v|)`` that propagates NaN: Triton's max reduction drops NaN (maxnum), so a
+    NaN in the group is detected separately (the reference's ``jnp.max`` propagates)."""
+    mx = jnp.max(a, axis=axis, keepdims=keepdims)
+    has_nan = jnp.max(jnp.isnan(a).astype(jnp.int32), axis=axis, keepdims=keepdims) > 0
+    return jnp.where(has_nan, jnp.nan, mx)
+
+
 def _scale_offsets(layout: ScaleLayout, r, g, m: int, n_groups: int):
     """Flat storage offsets and in-bounds mask of logical scale (row r, group g)."""
     if layout == ScaleLayout.ROW_MAJOR:
@@ -260,7 +269,7 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
 
     a = jnp.abs(v)
     if spec.amax_only:
-        plgpu.store(amax_ref.at[pl.ds(row0, bm)], jnp.max(a, axis=1), mask=r[:, 0] < m)
+        plgpu.store(amax_ref.at[pl.ds(row0, bm)], _amax(a, 1), mask=r[:, 0] < m)
         return
 
     # ---- quantize
@@ -272,6 +281,7 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
             if spec.tensor_scale_given:  # dynamic per-tensor, pass 2: s_in holds the global amax
                 amax_t = plgpu.load(s_in_ref.at[pl.ds(0, 1)]).reshape(1, 1)
                 s = jnp.maximum(mth.div(amax_t, qmax), ref.FP8_MIN_SCALE)
+                s = jnp.where(jnp.isnan(amax_t), jnp.nan, s)
             elif gs_.is_per_tensor():
                 s = plgpu.load(s_in_ref.at[pl.ds(0, 1)]).reshape(1, 1)
             elif gs_.is_per_token():
@@ -294,12 +304,12 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
                 jnp.arange(1) == 0))
             return
         if gs_.is_per_token():
-            amax = jnp.max(a, axis=1, keepdims=True)
+            amax = _amax(a, 1, keepdims=True)
             gsize, ng = bk, 1
         else:
             gsize = gs_.col
             ng = bk // gsize
-            amax = jnp.max(a.reshape(bm, ng, gsize), axis=2)
+            amax = _amax(a.reshape(bm, ng, gsize), 2)
         if fmt == QuantFormat.INT8:
             s = mth.div(jnp.maximum(amax, ref.GROUP_EPS), qmax)
         elif gs_.is_per_token() or spec.op != "quant":
@@ -308,6 +318,7 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
             s = jnp.maximum(mth.div(amax, qmax), ref.FP8_MIN_SCALE)
         else:
             s = mth.div(jnp.maximum(amax, ref.GROUP_EPS), qmax)
+        s = jnp.where(jnp.isnan(amax), jnp.nan, s)  # Triton's max/min drop NaN; the policy keeps it
         if desc.ue8m0:
             s = ref.pow2_ceil(s)
         s_full = jnp.broadcast_to(s[:, :, None], (bm, ng, gsize)).reshape(bm, bk)
@@ -350,7 +361,7 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
         if desc.static:
             sf = jax.lax.bitcast_convert_type(sbytes, ref.E4M3).astype(F32)
         else:
-            amax16 = jnp.max(jnp.abs(groups), axis=2)
+            amax16 = _amax(jnp.abs(groups), 2)
             sf = mth.round_to(jnp.clip(mth.div(gs * amax16, ref.FP4_MAX), -ref.FP8_MAX, ref.FP8_MAX), ref.E4M3)
         ratio = jnp.where(sf == 0, 0.0, mth.div(gs, sf))
         codes = ref.e2m1_encode(groups * ratio[:, :, None]).reshape(bm, bk)
@@ -358,7 +369,7 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
     else:
         emax = ref.FP8_MAX if fmt == QuantFormat.MXFP8 else ref.FP4_MAX
         if not desc.static:
-            sbytes = ref.e8m0_from_f32(mth.div(jnp.max(jnp.abs(groups), axis=2), emax))
+            sbytes = ref.e8m0_from_f32(mth.div(_amax(jnp.abs(groups), 2), emax))
         sf = ref.f32_from_e8m0(sbytes)
         y = mth.div(groups, sf[:, :, None]).reshape(bm, bk)
         codes = ref.sat_fp8(y) if fmt == QuantFormat.MXFP8 else ref.e2m1_encode(y)
@@ -465,7 +476,7 @@ def _run(op: str, x: jax.Array, key: QuantKey, *, k: int, weight=None, residual=
     if pl.next_power_of_2(k) > MAX_BLOCK_ELEMS:
         raise QuantLayoutError(f"rows wider than {MAX_BLOCK_ELEMS} elements are not supported yet (K={k})")
     bc = _chunk_width(op, key, k)
-    cfg = config or heuristic_config(m, bc or k, op)
+    cfg = config or heuristic_config(m, bc or k, op, chunked=bool(bc))
     fmt, desc = key.format, key.scale
     orig_shape = (*lead, k)
 

@@ -51,7 +51,8 @@ E8M0 = jnp.float8_e8m0fnu
 # ---------------------------------------------------------------- elementwise pieces
 def sat_fp8(v: jax.Array) -> jax.Array:
     """Clip f32 to +-448 then cast to e4m3fn (round to nearest even). NaN stays NaN."""
-    return jnp.clip(v, -FP8_MAX, FP8_MAX).astype(E4M3)
+    # the where keeps NaN where a backend's clamp (Triton: minnum/maxnum) would drop it
+    return jnp.where(jnp.isnan(v), jnp.nan, jnp.clip(v, -FP8_MAX, FP8_MAX)).astype(E4M3)
 
 
 def sat_int8(v: jax.Array) -> jax.Array:
