@@ -14,6 +14,6 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
       ${TESTS_K:+-k "$TESTS_K"} -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 || rc=1
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  python3 bench/producers.py --out "$OUT/producers.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_producers.log" | tail -30 || rc=1
+  python3 -m quantact_jax.bench.producers --out "$OUT/producers.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_producers.log" | tail -30 || rc=1
 fi
 exit $rc

@@ -1,0 +1,9 @@
+"""quantact for PyTorch: vLLM's ``QuantizedActivation`` dataclass and the torch references."""
+
+from interop.keys import *  # noqa: F401,F403
+from quantact_torch.activation import (QuantizedActivation, as_quantized_activation, expose_input_quant_key,
+                                       get_input_quant_key, get_input_quant_scales, scale_from_storage,
+                                       scale_storage)
+
+__all__ = ["QuantizedActivation", "as_quantized_activation", "expose_input_quant_key", "get_input_quant_key",
+           "get_input_quant_scales", "scale_from_storage", "scale_storage"]

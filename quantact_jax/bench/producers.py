@@ -2,7 +2,7 @@
 and the device-to-device copy ceiling, side by side in one process.
 
 Effective bandwidth = (input bytes read once + codes written once + scales) / time.
-Usage: python bench/producers.py --out results.json [--quick]
+Usage: quantact bench, or python -m quantact_jax.bench.producers --out results.json [--quick]
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
