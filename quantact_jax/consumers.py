@@ -1,0 +1,199 @@
+"""Scaled-matmul consumer: ``scaled_mm`` takes a ``QuantizedActivation`` (or a plain array it
+quantizes itself) and fp8 weights ``[N, K]`` and runs an fp8 GEMM with the scale epilogue.
+
+This is the Triton-lowered Pallas implementation (runs in interpret mode on CPU). Each
+program owns a ``block_m x block_n`` output tile and walks K in ``block_k`` steps with an
+fp8 x fp8 -> f32 dot (weights K-major, as ``torch.nn.Linear.weight``). Scales, following
+vLLM (NUMERICS.md):
+
+- per-tensor / per-token activations x per-tensor / per-channel weights:
+  ``out = scale_a[m] * (scale_b[n] * acc) (+ bias[n])`` in the epilogue;
+- DeepSeek block scaling (activation groups 1x128, weight blocks 128x128):
+  ``out[m, n] = sum_kb scale_a[m, kb] * scale_b[n // 128, kb] * dot_kb`` in the main loop
+  (``block_k`` is 128 so each step is one scale block).
+
+NVFP4/MXFP8 operands, a Mosaic GPU (wgmma) kernel and a small-M decode path are not built yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from interop.errors import QuantLayoutError
+from interop.keys import (GroupShape, QuantFormat, QuantKey, ScaleLayout, kFp8Static128BlockSym,
+                          kFp8StaticTensorSym, kFp8StaticTokenSym)
+from interop.layout import cdiv
+from quantact_jax import producers
+from quantact_jax.activation import QuantizedActivation, as_quantized_activation
+
+F32 = jnp.float32
+FP8 = jnp.float8_e4m3fn
+
+#: Weight keys on the ``[N, K]`` weight: per-tensor, per-output-channel (a scale per row,
+#: shape ``[N, 1]``), DeepSeek 128x128 blocks (shape ``[cdiv(N,128), cdiv(K,128)]``).
+WEIGHT_PER_TENSOR = kFp8StaticTensorSym
+WEIGHT_PER_CHANNEL = kFp8StaticTokenSym
+WEIGHT_BLOCK_128 = kFp8Static128BlockSym
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulConfig:
+    """Output tile, K step, warps and software-pipelining depth."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 128
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+
+
+def heuristic_config(m: int, n: int, k: int, block_scaled: bool) -> MatmulConfig:
+    """Narrow M tiles for decode-sized M; 128x128x128 otherwise (K step 128 for block scales)."""
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    return MatmulConfig(block_m=bm, block_n=128 if m > 64 else 64, block_k=128,
+                        num_warps=8 if bm >= 128 else 4, num_stages=4 if bm >= 128 else 5)
+
+
+def weight_key_for(weight_scale: jax.Array, n: int, k: int, prefer_block: bool = False) -> QuantKey:
+    """Infer the weight key from the scale's shape; clear error for any other shape.
+
+    A ``(1, 1)`` scale on a weight of one 128x128 block is both per-tensor and block-scaled
+    (the same number); ``prefer_block`` picks the block reading (for 1x128-group activations).
+    """
+    shp = tuple(jnp.shape(weight_scale))
+    if prefer_block and shp == (cdiv(n, 128), cdiv(k, 128)):
+        return WEIGHT_BLOCK_128
+    if shp in ((), (1,), (1, 1)):
+        return WEIGHT_PER_TENSOR
+    if shp in ((n, 1), (n,)):
+        return WEIGHT_PER_CHANNEL
+    if shp == (cdiv(n, 128), cdiv(k, 128)):
+        return WEIGHT_BLOCK_128
+    raise QuantLayoutError(f"weight_scale of shape {shp} fits no weight scheme for weight [{n}, {k}]: expected "
+                           f"(1,) per-tensor, ({n}, 1) per-channel or ({cdiv(n, 128)}, {cdiv(k, 128)}) 128x128 blocks")
+
+
+def _kernel(a_ref, b_ref, sa_ref, sb_ref, *rest, m: int, n: int, k: int, a_mode: str, b_mode: str,
+            has_bias: bool, cfg: MatmulConfig):
+    bias_ref = rest[0] if has_bias else None
+    o_ref = rest[-1]
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    m0, n0 = pl.program_id(0) * bm, pl.program_id(1) * bn
+    rm = m0 + jnp.arange(bm, dtype=jnp.int32)
+    rn = n0 + jnp.arange(bn, dtype=jnp.int32)
+    block = a_mode == "group128"
+    kg = cdiv(k, 128)
+
+    def body(i, acc):
+        k0 = i * bk
+        ck = k0 + jnp.arange(bk, dtype=jnp.int32)
+        a = plgpu.load(a_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], mask=(rm < m)[:, None] & (ck < k)[None, :], other=0)
+        b = plgpu.load(b_ref.at[pl.ds(n0, bn), pl.ds(k0, bk)], mask=(rn < n)[:, None] & (ck < k)[None, :], other=0)
+        part = jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+        if block:  # one 128-wide scale block per step
+            sa = plgpu.load(sa_ref.at[jnp.minimum(rm, m - 1) * kg + i], mask=rm < m, other=0.0)
+            sb = plgpu.load(sb_ref.at[jnp.minimum(rn // 128, cdiv(n, 128) - 1) * kg + i], mask=rn < n, other=0.0)
+            part = sa[:, None] * (sb[None, :] * part)
+        return acc + part
+
+    acc = jax.lax.fori_loop(0, cdiv(k, bk), body, jnp.zeros((bm, bn), F32))
+    if not block:
+        if a_mode == "tensor":
+            sa = plgpu.load(sa_ref.at[pl.ds(0, 1)]).reshape(1, 1)
+        else:
+            sa = plgpu.load(sa_ref.at[pl.ds(m0, bm)], mask=rm < m, other=0.0)[:, None]
+        if b_mode == "tensor":
+            sb = plgpu.load(sb_ref.at[pl.ds(0, 1)]).reshape(1, 1)
+        else:
+            sb = plgpu.load(sb_ref.at[pl.ds(n0, bn)], mask=rn < n, other=0.0)[None, :]
+        acc = sa * (sb * acc)
+    if has_bias:
+        acc = acc + plgpu.load(bias_ref.at[pl.ds(n0, bn)], mask=rn < n, other=0.0).astype(F32)[None, :]
+    plgpu.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype),
+                mask=(rm < m)[:, None] & (rn < n)[None, :])
+
+
+def _input_mode(key: QuantKey) -> str:
+    gs = key.scale.group_shape
+    if key.format != QuantFormat.FP8:
+        raise QuantLayoutError(f"{key}: only fp8 activations are supported by this consumer so far")
+    if gs.is_per_tensor():
+        return "tensor"
+    if gs.is_per_token():
+        return "token"
+    if gs == GroupShape(1, 128) and key.scale.layout == ScaleLayout.ROW_MAJOR and not key.scale.ue8m0:
+        return "group128"
+    raise QuantLayoutError(f"{key}: this consumer takes per-tensor, per-token or row-major 1x128-group "
+                           "fp8 activations")
+
+
+def scaled_mm(x: QuantizedActivation | jax.Array, weight: jax.Array, weight_scale: jax.Array, *,
+              bias: jax.Array | None = None, out_dtype=None, input_quant_key: QuantKey,
+              input_scale: Any = None, weight_key: QuantKey | None = None, config: MatmulConfig | None = None,
+              interpret: bool | None = None) -> jax.Array:
+    """``x @ dequant(weight).T`` with vLLM's scaled-GEMM semantics.
+
+    ``x``: a ``QuantizedActivation`` with key ``input_quant_key`` (checked: a mismatch raises
+    ``QuantKeyMismatchError``, nothing is re-quantized) or a plain float array, which is then
+    quantized with ``input_quant_key`` by the Pallas producer (``input_scale`` for static keys).
+    ``weight``: ``[N, K]`` float8_e4m3fn; ``weight_scale``: ``(1,)``, ``(N, 1)`` or
+    ``(cdiv(N,128), cdiv(K,128))`` (inferred by :func:`weight_key_for` unless ``weight_key`` is given). Output ``[*orig_shape[:-1], N]``
+    in ``out_dtype`` (default: the activation's ``orig_dtype``).
+    """
+    qa = as_quantized_activation(x, input_quant_key)
+    if qa is None:
+        qa = producers.quantize(jnp.asarray(x), input_quant_key, scale=input_scale, interpret=interpret)
+    a_mode = _input_mode(input_quant_key)
+    weight = jnp.asarray(weight)
+    if weight.ndim != 2 or weight.dtype != FP8:
+        raise QuantLayoutError(f"weight must be [N, K] float8_e4m3fn, got {tuple(weight.shape)} {weight.dtype}")
+    n, k = weight.shape
+    if qa.orig_shape[-1] != k:
+        raise QuantLayoutError(f"activation K={qa.orig_shape[-1]} does not match weight [N={n}, K={k}]")
+    wkey = weight_key or weight_key_for(weight_scale, n, k, prefer_block=a_mode == "group128")
+    if wkey not in (WEIGHT_PER_TENSOR, WEIGHT_PER_CHANNEL, WEIGHT_BLOCK_128):
+        raise QuantLayoutError(f"weight_key must be WEIGHT_PER_TENSOR, WEIGHT_PER_CHANNEL or WEIGHT_BLOCK_128, got {wkey}")
+    b_mode = {WEIGHT_PER_TENSOR: "tensor", WEIGHT_PER_CHANNEL: "channel", WEIGHT_BLOCK_128: "block"}[wkey]
+    if (a_mode == "group128") != (b_mode == "block"):
+        raise QuantLayoutError("1x128-group activations go with 128x128-block weight scales (DeepSeek style) "
+                               f"and only with them; got activation {input_quant_key} and weight scale "
+                               f"{tuple(jnp.shape(weight_scale))}")
+    if bias is not None and tuple(jnp.shape(bias)) != (n,):
+        raise QuantLayoutError(f"bias must have shape ({n},), got {tuple(jnp.shape(bias))}")
+    interpret = producers._default_interpret() if interpret is None else interpret
+    m = int(np.prod(qa.orig_shape[:-1], dtype=np.int64))
+    cfg = config or heuristic_config(m, n, k, a_mode == "group128")
+    if a_mode == "group128" and cfg.block_k != 128:
+        raise ValueError("block-scaled GEMM needs block_k == 128 (one scale block per K step)")
+    out_dtype = jnp.dtype(qa.orig_dtype if out_dtype is None else out_dtype)
+    a2 = qa.data.reshape(m, k)
+    sa = jnp.asarray(qa.scale, F32).reshape(-1)
+    sb = jnp.asarray(weight_scale, F32).reshape(-1)
+    inputs = [a2, weight, sa, sb] + ([jnp.asarray(bias)] if bias is not None else [])
+    out = pl.pallas_call(
+        functools.partial(_kernel, m=m, n=n, k=k, a_mode=a_mode, b_mode=b_mode, has_bias=bias is not None,
+                          cfg=cfg),
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(cdiv(m, cfg.block_m), cdiv(n, cfg.block_n)),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret, name="quantact_scaled_mm",
+    )(*inputs)
+    return out.reshape(*qa.orig_shape[:-1], n)
+
+
+__all__ = ["MatmulConfig", "heuristic_config", "scaled_mm", "weight_key_for", "WEIGHT_PER_TENSOR",
+           "WEIGHT_PER_CHANNEL", "WEIGHT_BLOCK_128"]
