@@ -1,0 +1,131 @@
+"""Consumer benchmark: Pallas scaled_mm vs torch._scaled_mm (cuBLASLt), XLA's fp8 dot with [N, K]
+weights and the bf16 GEMM, side by side in one process. TFLOP/s = 2*M*N*K / time.
+
+Usage: python -m quantact_jax.bench.consumers --out results.json [--configs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from interop.bridge import to_jax  # noqa: E402
+from interop.keys import kFp8Dynamic128Sym, kFp8DynamicTensorSym, kFp8DynamicTokenSym  # noqa: E402
+from quantact_jax import consumers as C  # noqa: E402
+from quantact_jax import producers as P  # noqa: E402
+from quantact_jax.bench.producers import time_jax, time_torch  # noqa: E402
+
+SHAPES = [(4096, 4096, 4096), (8192, 8192, 8192), (4096, 28672, 4096), (4096, 4096, 14336),
+          (1, 8192, 8192), (16, 8192, 8192), (64, 8192, 8192)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--configs", action="store_true", help="sweep a few tile configs per shape")
+    args = ap.parse_args()
+    if jax.default_backend() != "gpu":
+        print("no GPU: the consumer benchmark needs one")
+        return 0
+    import torch
+
+    dev = torch.device("cuda")
+    res = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), jax=jax.__version__,
+               torch=torch.__version__, cases=[])
+    for m, n, k in SHAPES:
+        flops = 2 * m * n * k
+        xt = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        wt = (torch.randn(n, k, device=dev) * 0.05)
+        w8 = (wt / (wt.abs().amax(1, keepdim=True) / 448)).to(torch.float8_e4m3fn)  # [N, K]
+        sw = (wt.abs().amax(1, keepdim=True) / 448).float()  # [N, 1]
+        x = to_jax(xt)
+        wj, swj = to_jax(w8), to_jax(sw)
+        row = dict(shape=[m, n, k])
+        # ours, pre-quantized activations (the consumer alone)
+        for name, key, ws in (("token_x_channel", kFp8DynamicTokenSym, swj),
+                              ("tensor_x_tensor", kFp8DynamicTensorSym, swj.max().reshape(1))):
+            qa = P.quantize(x, key)
+            f = jax.jit(lambda qa, w, s, key=key: C.scaled_mm(qa, w, s, input_quant_key=key))
+            t = time_jax(f, (qa, wj, ws), iters=20)
+            row[f"quantact_{name}_us"] = t * 1e6
+            row[f"quantact_{name}_tflops"] = flops / t / 1e12
+        if k % 128 == 0 and n % 128 == 0:
+            qa = P.quantize(x, kFp8Dynamic128Sym)
+            sb = jnp.ones((n // 128, k // 128), jnp.float32) * 0.01
+            f = jax.jit(lambda qa, w, s: C.scaled_mm(qa, w, s, input_quant_key=kFp8Dynamic128Sym))
+            t = time_jax(f, (qa, wj, sb), iters=20)
+            row["quantact_block128_us"] = t * 1e6
+            row["quantact_block128_tflops"] = flops / t / 1e12
+        # cuBLASLt through torch._scaled_mm (b = w8.T is column-major, as cuBLASLt wants)
+        x8 = (xt.float() / (xt.float().abs().amax(1, keepdim=True) / 448)).to(torch.float8_e4m3fn)
+        sx = (xt.float().abs().amax(1, keepdim=True) / 448).float()
+        peers = {
+            "cublas_rowwise": lambda: torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw.t(), out_dtype=torch.bfloat16),
+            "cublas_tensorwise": lambda: torch._scaled_mm(x8, w8.t(), scale_a=sx.max(), scale_b=sw.max(),
+                                                          out_dtype=torch.bfloat16),
+            "cublas_bf16": lambda: xt @ wt.to(torch.bfloat16).t(),
+        }
+        if k % 128 == 0 and n % 128 == 0:
+            sa_blk = torch.ones(k // 128, m, device=dev).t()  # [M, K/128], M-major as cuBLASLt wants
+            sb_blk = torch.ones(n // 128, k // 128, device=dev) * 0.01
+            peers["cublas_block128"] = lambda: torch._scaled_mm(x8, w8.t(), scale_a=sa_blk, scale_b=sb_blk.t(),
+                                                                out_dtype=torch.bfloat16)
+        for name, fn in peers.items():
+            try:
+                t = time_torch(lambda: fn(), (), iters=20)
+                row[f"{name}_us"] = t * 1e6
+                row[f"{name}_tflops"] = flops / t / 1e12
+            except Exception as e:  # e.g. block scaling unsupported by this torch/cuBLASLt
+                row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+        xq = P.quantize(x, kFp8DynamicTokenSym)
+        xla = jax.jit(lambda a, sa, w, sw: (jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())),
+                                                                preferred_element_type=jnp.float32)
+                                            * sw.reshape(1, -1) * sa).astype(jnp.bfloat16))
+        t = time_jax(xla, (xq.data, xq.scale, wj, swj), iters=20)
+        row["xla_fp8_dot_us"] = t * 1e6
+        row["xla_fp8_dot_tflops"] = flops / t / 1e12
+        if args.configs and m >= 4096:
+            sweep = {}
+            for cfg in (C.MatmulConfig(128, 128, 128, 8, 3), C.MatmulConfig(128, 256, 128, 8, 3),
+                        C.MatmulConfig(256, 128, 128, 8, 3), C.MatmulConfig(128, 128, 64, 4, 4),
+                        C.MatmulConfig(128, 256, 64, 8, 4)):
+                qa = P.quantize(x, kFp8DynamicTokenSym)
+                f = jax.jit(lambda qa, w, s, cfg=cfg: C.scaled_mm(qa, w, s, input_quant_key=kFp8DynamicTokenSym,
+                                                                   config=cfg))
+                try:
+                    sweep[str(dataclasses_astuple(cfg))] = flops / time_jax(f, (qa, wj, swj), iters=10, reps=3) / 1e12
+                except Exception as e:
+                    sweep[str(dataclasses_astuple(cfg))] = f"error {type(e).__name__}"
+            row["config_sweep_tflops"] = sweep
+        res["cases"].append(row)
+        print(json.dumps(row), flush=True)
+    print(f"{'M x N x K':>20s} {'ours tok':>9s} {'ours tens':>9s} {'ours blk':>9s} {'cuBLAS row':>10s} {'tens':>6s} "
+          f"{'blk':>6s} {'XLA fp8':>7s} {'bf16':>6s}  (TFLOP/s)")
+    for r in res["cases"]:
+        g = lambda k: r.get(k, float("nan"))  # noqa: E731
+        print(f"{'x'.join(map(str, r['shape'])):>20s} {g('quantact_token_x_channel_tflops'):9.0f} "
+              f"{g('quantact_tensor_x_tensor_tflops'):9.0f} {g('quantact_block128_tflops'):9.0f} "
+              f"{g('cublas_rowwise_tflops'):10.0f} {g('cublas_tensorwise_tflops'):6.0f} {g('cublas_block128_tflops'):6.0f} "
+              f"{g('xla_fp8_dot_tflops'):7.0f} {g('cublas_bf16_tflops'):6.0f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+def dataclasses_astuple(cfg):
+    import dataclasses
+
+    return dataclasses.astuple(cfg)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
