@@ -101,8 +101,10 @@ def _kernel(a_ref, b_ref, sa_ref, sb_ref, *rest, m: int, n: int, k: int, a_mode:
     def body(i, acc):
         k0 = i * bk
         ck = k0 + jnp.arange(bk, dtype=jnp.int32)
-        a = plgpu.load(a_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], mask=(rm < m)[:, None] & (ck < k)[None, :], other=0)
-        b = plgpu.load(b_ref.at[pl.ds(n0, bn), pl.ds(k0, bk)], mask=(rn < n)[:, None] & (ck < k)[None, :], other=0)
+        a = plgpu.load(a_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], mask=(rm < m)[:, None] & (ck < k)[None, :],
+                       other=jnp.zeros((), a_ref.dtype))
+        b = plgpu.load(b_ref.at[pl.ds(n0, bn), pl.ds(k0, bk)], mask=(rn < n)[:, None] & (ck < k)[None, :],
+                       other=jnp.zeros((), b_ref.dtype))
         part = jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=F32)
         if block:  # one 128-wide scale block per step
             sa = plgpu.load(sa_ref.at[jnp.minimum(rm, m - 1) * kg + i], mask=rm < m, other=0.0)
