@@ -34,8 +34,10 @@ def _keys(_: argparse.Namespace) -> int:
     print("  ".join("-" * n for n in w))
     for r in rows:
         print("  ".join(c.ljust(n) for c, n in zip(r, w)))
-    print("\nConsumers (scaled_mm on Hopper): not implemented yet; the reference consumer is "
-          "quantact_jax.reference.scaled_mm / quantact_torch.reference.scaled_mm.")
+    print("\nConsumer quantact_jax.consumers.scaled_mm (fp8 weights [N, K]) takes activations keyed "
+          "kFp8StaticTensorSym / kFp8DynamicTensorSym (per-tensor), kFp8DynamicTokenSym / kFp8StaticTokenSym "
+          "(per-token) with per-tensor or per-channel weight scales, and kFp8Dynamic128Sym (row-major) with "
+          "128x128 weight blocks. NVFP4/MX consumers: reference only (quantact_jax.reference.scaled_mm).")
     return 0
 
 
