@@ -109,11 +109,6 @@ def check_storage(key: QuantKey, orig_shape: Sequence[int], orig_dtype: str,
             f"for [M={m}, K={k}] needs {describe(want_s, want_sd)}")
 
 
-def static_scale_shape(desc: ScaleDesc, m: int, k: int) -> tuple[int, ...]:
-    """Shape a user-supplied static scale must have (same as storage)."""
-    return scale_storage_shape(desc, m, k)
-
-
 def swizzle_index(rows_padded: int, groups_padded: int):
     """Permutation for the 128x4 swizzle, as a NumPy index array.
 
@@ -129,5 +124,5 @@ def swizzle_index(rows_padded: int, groups_padded: int):
 
 __all__ = [
     "GroupShape", "round_up", "cdiv", "rows_cols", "logical_scale_shape", "scale_storage_shape",
-    "data_storage", "check_k_divisible", "check_storage", "static_scale_shape", "swizzle_index",
+    "data_storage", "check_k_divisible", "check_storage", "swizzle_index",
 ]

@@ -21,7 +21,8 @@ bit only where the exp implementation is the same (interpret mode vs the jnp
 reference); see the tests for the bound used elsewhere.
 
 Per-tensor *dynamic* scales need a global amax: a first pass writes one amax
-per row, the scale is formed in XLA, and a second pass quantizes with it.
+per row, XLA takes their max, and a second pass forms the scale (exact division,
+in-kernel) and quantizes with it.
 """
 
 from __future__ import annotations
@@ -108,6 +109,14 @@ class _Math:
     def mul(self, a, b):
         return exact.mul(a, b) if self.interpret else self._asm("mul", a, b)
 
+    def square(self, a):
+        """``a * a`` kept out of FMA contraction with the tree's adds."""
+        return exact.square(a) if self.interpret else self._asm("mul", a, a)
+
+    def tree_sum(self, v):
+        """``reference.tree_sum`` over the last axis (a power of two wide)."""
+        return ref.tree_sum(v) if self.interpret else _tree_sum_pairs(v)
+
     def round_to(self, v, dtype):
         """f32 -> dtype (RNE) -> f32; real converts on GPU, integer arithmetic when interpreting."""
         if self.interpret:
@@ -149,13 +158,10 @@ class _Spec:
         return self.bc or pl.next_power_of_2(self.k)
 
 
-def _tree_sum_rows(v: jax.Array, interpret: bool) -> jax.Array:
-    """Pairwise adjacent-pair tree over the last axis (width a power of two): the
-    order of ``reference.tree_sum``. Triton: size-2 reductions of a reshape (it has
-    no strided value slices); interpret mode: the reference's slices (XLA would
-    merge the chained reductions into one of its own order)."""
-    if interpret:
-        return ref.tree_sum(v)
+def _tree_sum_pairs(v: jax.Array) -> jax.Array:
+    """``reference.tree_sum``'s adjacent-pair order for Triton, which has no strided value
+    slices: size-2 reductions of a ``[.., W/2, 2]`` reshape. (Interpret mode uses the
+    reference itself: XLA would merge these chained reductions into one of its own order.)"""
     while v.shape[-1] > 1:
         v = jnp.sum(v.reshape(*v.shape[:-1], v.shape[-1] // 2, 2), axis=-1)
     return v.reshape(v.shape[:-1])
@@ -262,7 +268,7 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
                 plgpu.store(res_out_ref.at[pl.ds(row0, bm), pl.ds(0, bk)], res_out, mask=mask)
         else:
             z = xv.astype(F32)
-        ms = mth.div(_tree_sum_rows(exact.square(z) if spec.interpret else mth.mul(z, z), spec.interpret), np.float32(k))[:, None]
+        ms = mth.div(mth.tree_sum(mth.square(z)), np.float32(k))[:, None]
         inv = mth.div(1.0, mth.sqrt(ms + np.float32(spec.eps)))
         w = plgpu.load(w_ref.at[pl.ds(0, bk)], mask=c[0] < k, other=0)[None, :]
         v = mth.round_to(mth.mul(mth.round_to(mth.mul(z, inv), t), w.astype(F32)), t)
@@ -442,13 +448,6 @@ def _check_key(key: QuantKey) -> None:
         raise QuantLayoutError(f"{key}: dynamic int8 is per-token only (vLLM's scaled_int8_quant)")
 
 
-def _scalar_arr(v: Any, what: str) -> jax.Array:
-    a = jnp.asarray(v, F32)
-    if a.size != 1:
-        raise QuantLayoutError(f"{what} must hold one value, got shape {a.shape}")
-    return a.reshape(1)
-
-
 def _poisoned(sds: jax.ShapeDtypeStruct) -> jax.Array:
     """A buffer of 0xA5 bytes (NaN-free but never a value a kernel writes by chance)."""
     nbytes = int(np.prod(sds.shape, dtype=np.int64)) * jnp.dtype(sds.dtype).itemsize
@@ -496,27 +495,20 @@ def _run(op: str, x: jax.Array, key: QuantKey, *, k: int, weight=None, residual=
     static_storage = None
     scale_slot = len(inputs)  # kernel order: x, residual, weight, scale, global_scale, scale_ub
     if desc.static:
-        if scale is None:
-            raise QuantLayoutError(f"{key} is static: pass its scale (or a layer exposing input_scale)")
-        scale = jnp.asarray(scale)
-        want = scale_storage_shape(desc, m, k)
-        if desc.group_shape.is_per_tensor() and scale.size == 1:
-            scale = scale.reshape(1)
-        if tuple(scale.shape) != want:
-            raise QuantLayoutError(f"{key}: static scale has shape {tuple(scale.shape)}, expected {want} "
-                                   f"for [M={m}, K={k}]")
-        static_storage = scale
-        flat = scale.reshape(-1)
-        if flat.dtype not in (jnp.uint8,) and key.format != QuantFormat.FP8 and key.format != QuantFormat.INT8:
-            flat = jax.lax.bitcast_convert_type(flat, jnp.uint8)
-        inputs.append(flat.astype(F32) if fmt in (QuantFormat.FP8, QuantFormat.INT8) else flat)
+        static_storage = ref.static_scale_storage(key, scale, m, k)
+        flat = static_storage.reshape(-1)
+        # the kernel reads f32 scales for fp8/int8, raw e4m3/e8m0 bytes (given as such or as uint8) otherwise
+        if fmt in (QuantFormat.FP8, QuantFormat.INT8):
+            inputs.append(flat.astype(F32))
+        else:
+            inputs.append(flat if flat.dtype == jnp.uint8 else jax.lax.bitcast_convert_type(flat, jnp.uint8))
     if fmt == QuantFormat.NVFP4:
         if global_scale is None:
             raise QuantLayoutError(f"{key} needs global_scale (the quantisation multiplier 448*6/amax)")
-        inputs.append(_scalar_arr(global_scale, "global_scale"))
+        inputs.append(ref.as_f32_scalar(global_scale, "global_scale").reshape(1))
     has_ub = scale_ub is not None
     if has_ub:
-        inputs.append(_scalar_arr(scale_ub, "scale_ub"))
+        inputs.append(ref.as_f32_scalar(scale_ub, "scale_ub").reshape(1))
 
     spec = _Spec(op=op, key=key, m=m, k=k, in_dtype=x.dtype, block_m=cfg.block_m, rows_cover=_rows_cover(key, m),
                  has_residual=residual is not None, add_in_f32=add_in_f32, eps=float(eps), has_ub=has_ub,
@@ -542,7 +534,7 @@ def _run(op: str, x: jax.Array, key: QuantKey, *, k: int, weight=None, residual=
     res_shape = [jax.ShapeDtypeStruct((m, k), x.dtype)] if residual is not None else []
 
     if fmt in (QuantFormat.FP8, QuantFormat.INT8) and not desc.static and desc.group_shape.is_per_tensor():
-        # pass 1: per-row amax of v; scale in XLA (the reference's formula); pass 2: quantize with it
+        # pass 1: per-row amax of v; XLA: their max; pass 2: the scale (in-kernel division) and the codes
         a_spec = dataclasses.replace(spec, amax_only=True, bc=0)
         amax_rows = call(a_spec, inputs, [jax.ShapeDtypeStruct((m,), F32)])[0]
         amax_t = jnp.max(amax_rows).reshape(1)  # the scale is formed in pass 2 (exact division)

@@ -31,7 +31,7 @@ import numpy as np
 
 from interop.errors import QuantLayoutError
 from interop.keys import QuantFormat, QuantKey, ScaleLayout
-from interop.layout import (cdiv, check_k_divisible, logical_scale_shape, round_up, rows_cols,
+from interop.layout import (check_k_divisible, logical_scale_shape, round_up, rows_cols,
                             scale_storage_shape, swizzle_index)
 from quantact_jax import exact
 from quantact_jax.activation import QuantizedActivation
@@ -198,15 +198,18 @@ def _expand(s: jax.Array, m: int, k: int, gr: int, gc: int) -> jax.Array:
 
 
 # ---------------------------------------------------------------- core quantizer
-def _as_f32_scalar(v: Any, what: str) -> jax.Array:
+def as_f32_scalar(v: Any, what: str) -> jax.Array:
+    """``v`` as a 0-d f32 array; ``QuantLayoutError`` unless it holds exactly one value."""
     a = jnp.asarray(v, F32)
     if a.size != 1:
         raise QuantLayoutError(f"{what} must hold one value, got shape {a.shape}")
     return a.reshape(())
 
 
-def _static_scales(key: QuantKey, scale: Any, m: int, k: int) -> jax.Array:
-    """Validate a static scale (storage layout of the key) and return logical f32/e4m3/e8m0 [Mg, Kg]."""
+def static_scale_storage(key: QuantKey, scale: Any, m: int, k: int) -> jax.Array:
+    """Validate a user-supplied static scale against the key's storage shape for ``[M, K]``
+    (a one-value per-tensor scale of any shape is accepted as ``(1,)``) and return it as
+    that storage array. Shared by the reference and the Pallas producers."""
     if scale is None:
         raise QuantLayoutError(f"{key} is static: pass its scale")
     scale = jnp.asarray(scale)
@@ -215,6 +218,12 @@ def _static_scales(key: QuantKey, scale: Any, m: int, k: int) -> jax.Array:
         scale = scale.reshape(1)
     if tuple(scale.shape) != want:
         raise QuantLayoutError(f"{key}: static scale has shape {tuple(scale.shape)}, expected {want} for [M={m}, K={k}]")
+    return scale
+
+
+def _static_scales(key: QuantKey, scale: Any, m: int, k: int) -> jax.Array:
+    """Validate a static scale (storage layout of the key) and return logical f32/e4m3/e8m0 [Mg, Kg]."""
+    scale = static_scale_storage(key, scale, m, k)
     if key.scale.group_shape.is_per_tensor():
         return scale.astype(F32).reshape(1, 1)
     mg, kg = logical_scale_shape(key.scale, m, k)
@@ -236,19 +245,18 @@ def quantize_f32(v: jax.Array, key: QuantKey, orig_dtype, orig_shape, *, scale: 
     desc = key.scale
     gr, gc = desc.group_shape
     lead = tuple(orig_shape[:-1])
-    ub = None if scale_ub is None else _as_f32_scalar(scale_ub, "scale_ub")
+    ub = None if scale_ub is None else as_f32_scalar(scale_ub, "scale_ub")
 
     if fmt in (QuantFormat.FP8, QuantFormat.INT8):
         qmax = FP8_MAX if fmt == QuantFormat.FP8 else INT8_MAX
         sat = sat_fp8 if fmt == QuantFormat.FP8 else sat_int8
         if desc.static:
-            s = _static_scales(key, scale, m, k).astype(F32)
+            storage = static_scale_storage(key, scale, m, k).astype(desc.storage_dtype)
+            s = _static_scales(key, storage, m, k).astype(F32)
             if fmt == QuantFormat.FP8:  # vLLM static fp8: multiply by the reciprocal, computed once
                 q = sat(v * _expand(exact.div(1.0, s), m, k, gr, gc))
             else:  # vLLM static int8: true division
                 q = sat(exact.div(v, _expand(s, m, k, gr, gc)))
-            storage = scale if desc.group_shape.is_per_tensor() else jnp.asarray(scale)
-            storage = jnp.asarray(storage, desc.storage_dtype).reshape(scale_storage_shape(desc, m, k))
             return QuantizedActivation(q.reshape(*lead, k), storage, orig_dtype, orig_shape, key)
         a = jnp.abs(v)
         if desc.group_shape.is_per_tensor():
@@ -288,7 +296,7 @@ def quantize_f32(v: jax.Array, key: QuantKey, orig_dtype, orig_shape, *, scale: 
     if fmt == QuantFormat.NVFP4:
         if global_scale is None:
             raise QuantLayoutError(f"{key} needs global_scale (the quantisation multiplier 448*6/amax)")
-        gs = _as_f32_scalar(global_scale, "global_scale")
+        gs = as_f32_scalar(global_scale, "global_scale")
         if desc.static:
             sf = _static_scales(key, scale, m, k).astype(F32)
         else:
@@ -441,7 +449,7 @@ def dequantize_codes(data: jax.Array, scale: jax.Array, key: QuantKey, shape: tu
     if fmt == QuantFormat.NVFP4:
         if global_scale is None:
             raise QuantLayoutError("NVFP4 dequantisation needs the global scale")
-        s = exact.div(s, _as_f32_scalar(global_scale, "global_scale"))
+        s = exact.div(s, as_f32_scalar(global_scale, "global_scale"))
     return vals * _expand(s, m, k, *desc.group_shape)
 
 

@@ -485,7 +485,6 @@ def test_nan_fp4_and_mx(layout):
     gs = np.float32(448 * 6 / float(x.abs().max()))
     q = _both("quantize", xn, kNvfp4Dynamic.with_layout(layout), global_scale=gs)
     qc = _both("quantize", x, kNvfp4Dynamic.with_layout(layout), global_scale=gs)
-    key = q.quant_key
     sn = np.asarray(jr.unlayout_scales(q.scale, layout, 3, 24)).astype(np.float32)
     sc = np.asarray(jr.unlayout_scales(qc.scale, layout, 3, 24)).astype(np.float32)
     assert np.isnan(sn[1, 1]) and not np.isnan(np.delete(sn.reshape(-1), 25)).any()

@@ -7,6 +7,7 @@ Usage: python -m quantact_jax.bench.consumers --out results.json [--configs]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -15,7 +16,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from interop.bridge import to_jax  # noqa: E402
 from interop.keys import kFp8Dynamic128Sym, kFp8DynamicTensorSym, kFp8DynamicTokenSym  # noqa: E402
@@ -80,7 +80,7 @@ def main() -> int:
                                                                 out_dtype=torch.bfloat16)
         for name, fn in peers.items():
             try:
-                t = time_torch(lambda: fn(), (), iters=20)
+                t = time_torch(fn, (), iters=20)
                 row[f"{name}_us"] = t * 1e6
                 row[f"{name}_tflops"] = flops / t / 1e12
             except Exception as e:  # e.g. block scaling unsupported by this torch/cuBLASLt
@@ -101,9 +101,9 @@ def main() -> int:
                 f = jax.jit(lambda qa, w, s, cfg=cfg: C.scaled_mm(qa, w, s, input_quant_key=kFp8DynamicTokenSym,
                                                                    config=cfg))
                 try:
-                    sweep[str(dataclasses_astuple(cfg))] = flops / time_jax(f, (qa, wj, swj), iters=10, reps=3) / 1e12
+                    sweep[str(dataclasses.astuple(cfg))] = flops / time_jax(f, (qa, wj, swj), iters=10, reps=3) / 1e12
                 except Exception as e:
-                    sweep[str(dataclasses_astuple(cfg))] = f"error {type(e).__name__}"
+                    sweep[str(dataclasses.astuple(cfg))] = f"error {type(e).__name__}"
             row["config_sweep_tflops"] = sweep
         res["cases"].append(row)
         print(json.dumps(row), flush=True)
@@ -119,12 +119,6 @@ def main() -> int:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
     return 0
-
-
-def dataclasses_astuple(cfg):
-    import dataclasses
-
-    return dataclasses.astuple(cfg)
 
 
 if __name__ == "__main__":

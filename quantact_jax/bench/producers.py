@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -136,7 +135,6 @@ def main() -> int:
     import torch
 
     dev = torch.device("cuda")
-    rng = np.random.default_rng(0)
     # copy ceiling
     buf = torch.empty(1 << 30, dtype=torch.uint8, device=dev).random_(0, 255)
     t_copy = time_torch(lambda b: b.clone(), (buf,), iters=20)
