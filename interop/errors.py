@@ -14,6 +14,10 @@ class QuantLayoutError(QuantContractError, ValueError):
     """Data or scale shape/dtype contradicts the key, its layout or ``orig_shape``."""
 
 
+class QuantShardingError(QuantContractError, ValueError):
+    """A sharding that a quantized activation's scale layout (or an op's reduction) cannot follow."""
+
+
 class NoInputQuantKeyError(QuantContractError, AttributeError):
     """A layer exposes no input quantization key (its kernel cannot consume one)."""
 

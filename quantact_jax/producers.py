@@ -459,9 +459,13 @@ def _poisoned(sds: jax.ShapeDtypeStruct) -> jax.Array:
 
 def _run(op: str, x: jax.Array, key: QuantKey, *, k: int, weight=None, residual=None, eps: float = 1e-6,
          add_in_f32: bool = True, scale=None, global_scale=None, scale_ub=None,
-         config: ProducerConfig | None = None, interpret: bool | None = None, poison: bool = False):
+         config: ProducerConfig | None = None, interpret: bool | None = None, poison: bool = False,
+         axis_name: str | tuple[str, ...] | None = None):
     if not isinstance(key, QuantKey):
         raise TypeError(f"key must be a QuantKey, got {key!r}")
+    if axis_name is not None and (key.scale.static or not key.scale.group_shape.is_per_tensor()):
+        raise QuantLayoutError(f"{key}: axis_name (a cross-shard amax) applies only to dynamic per-tensor keys; "
+                               "other scales are computed from whole local rows or groups")
     if x.dtype not in (jnp.float32, jnp.float16, jnp.bfloat16):
         raise QuantLayoutError(f"input dtype must be float32/float16/bfloat16, got {x.dtype}")
     if x.ndim < 1:
@@ -538,6 +542,8 @@ def _run(op: str, x: jax.Array, key: QuantKey, *, k: int, weight=None, residual=
         a_spec = dataclasses.replace(spec, amax_only=True, bc=0)
         amax_rows = call(a_spec, inputs, [jax.ShapeDtypeStruct((m,), F32)])[0]
         amax_t = jnp.max(amax_rows).reshape(1)  # the scale is formed in pass 2 (exact division)
+        if axis_name is not None:  # under shard_map: the amax of every shard (max is exact in any order)
+            amax_t = jax.lax.pmax(amax_t, axis_name)
         q_spec = dataclasses.replace(spec, tensor_scale_given=True, bc=0)
         q_inputs = [*inputs[:scale_slot], amax_t, *inputs[scale_slot:]]
         outs = call(q_spec, q_inputs, [jax.ShapeDtypeStruct(data_shape, data_dtype),
@@ -584,44 +590,54 @@ def _key_and_scales(key: QuantKey | None, layer: Any, scale, global_scale):
 # ------------------------------------------------------------------ public ops
 def quantize(x: jax.Array, key: QuantKey | None = None, *, layer: Any = None, scale: Any = None,
              global_scale: Any = None, scale_ub: Any = None, config: ProducerConfig | None = None,
-             interpret: bool | None = None, _poison: bool = False) -> QuantizedActivation:
+             interpret: bool | None = None, axis_name: str | tuple[str, ...] | None = None,
+             _poison: bool = False) -> QuantizedActivation:
     """Quantize ``x [..., K]`` with ``key`` (or the key ``layer`` exposes) in one Pallas pass.
 
     Same arguments and bits as ``reference.quantize``. ``interpret`` defaults to
     True when JAX's default backend is not a GPU.
+    ``axis_name``: under ``shard_map``, the mesh axes a dynamic per-tensor key takes its amax
+    over (``lax.pmax``), so every shard uses the global scale (dynamic per-tensor keys only).
     """
     key, scale, global_scale = _key_and_scales(key, layer, scale, global_scale)
     x = jnp.asarray(x)
     return _run("quant", x, key, k=x.shape[-1], scale=scale, global_scale=global_scale, scale_ub=scale_ub,
-                config=config, interpret=interpret, poison=_poison)[0]
+                config=config, interpret=interpret, poison=_poison, axis_name=axis_name)[0]
 
 
 def rms_norm_quant(x: jax.Array, weight: jax.Array, key: QuantKey | None = None, *, layer: Any = None,
                    eps: float = 1e-6, residual: jax.Array | None = None, scale: Any = None,
                    global_scale: Any = None, scale_ub: Any = None, config: ProducerConfig | None = None,
-                   interpret: bool | None = None, _poison: bool = False
-                   ) -> tuple[QuantizedActivation, jax.Array | None]:
+                   interpret: bool | None = None, axis_name: str | tuple[str, ...] | None = None,
+                   _poison: bool = False) -> tuple[QuantizedActivation, jax.Array | None]:
     """Fused (residual add +) RMSNorm -> quant; returns ``(activation, residual_out)``.
 
     Static keys add the residual in the input dtype, dynamic keys in f32 (vLLM).
+    ``axis_name``: under ``shard_map``, the mesh axes a dynamic per-tensor key takes its amax
+    over (``lax.pmax``), so every shard uses the global scale (dynamic per-tensor keys only).
     """
     key, scale, global_scale = _key_and_scales(key, layer, scale, global_scale)
     x = jnp.asarray(x)
     return _run("rms", x, key, k=x.shape[-1], weight=weight, residual=residual, eps=eps,
                 add_in_f32=not key.scale.static, scale=scale, global_scale=global_scale, scale_ub=scale_ub,
-                config=config, interpret=interpret, poison=_poison)
+                config=config, interpret=interpret, poison=_poison, axis_name=axis_name)
 
 
 def silu_and_mul_quant(x: jax.Array, key: QuantKey | None = None, *, layer: Any = None, scale: Any = None,
                        global_scale: Any = None, scale_ub: Any = None, config: ProducerConfig | None = None,
-                       interpret: bool | None = None, _poison: bool = False) -> QuantizedActivation:
-    """Fused SiLU-and-mul -> quant of ``x [..., 2d] = [gate | up]``."""
+                       interpret: bool | None = None, axis_name: str | tuple[str, ...] | None = None,
+                       _poison: bool = False) -> QuantizedActivation:
+    """Fused SiLU-and-mul -> quant of ``x [..., 2d] = [gate | up]``.
+
+    ``axis_name``: under ``shard_map``, the mesh axes a dynamic per-tensor key takes its amax
+    over (``lax.pmax``), so every shard uses the global scale (dynamic per-tensor keys only).
+    """
     key, scale, global_scale = _key_and_scales(key, layer, scale, global_scale)
     x = jnp.asarray(x)
     if x.shape[-1] % 2:
         raise QuantLayoutError(f"silu_and_mul needs an even last dimension, got {x.shape[-1]}")
     return _run("silu", x, key, k=x.shape[-1] // 2, scale=scale, global_scale=global_scale,
-                scale_ub=scale_ub, config=config, interpret=interpret, poison=_poison)[0]
+                scale_ub=scale_ub, config=config, interpret=interpret, poison=_poison, axis_name=axis_name)[0]
 
 
 __all__ = ["ProducerConfig", "heuristic_config", "quantize", "rms_norm_quant", "silu_and_mul_quant"]
