@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import re
 from typing import Any, ClassVar, NamedTuple
 
 from interop.dtypes import canonical_dtype, dtype_abbr
@@ -277,3 +279,39 @@ ALL_KEYS: dict[str, QuantKey] = {
     name: value for name, value in list(globals().items())
     if name.startswith("k") and isinstance(value, QuantKey) and name != "kNvfp4Quant"
 }
+
+
+# ---- parsing ``str(key)`` back -------------------------------------------------------
+_SCALE_RE = r"(\w+),(static|dynamic),(per_tensor|per_token|GroupShape\(row=(-?\d+), col=(-?\d+)\))((?:,\w+)*)"
+_KEY_RE = re.compile(rf"QuantKey\((\w+),scale\({_SCALE_RE}\),(?:scale2\({_SCALE_RE}\),)?(a?symmetric)\)")
+
+
+def _parse_scale(abbr: str, kind: str, gs: str, row: str | None, col: str | None, extras: str) -> ScaleDesc:
+    group = {"per_tensor": GroupShape.PER_TENSOR, "per_token": GroupShape.PER_TOKEN}.get(gs)
+    flags = [f for f in extras.split(",") if f]
+    layouts = [f for f in flags if f != "ue8m0"]
+    if len(layouts) > 1:
+        raise ValueError(f"more than one scale layout in {extras!r}")
+    return ScaleDesc(canonical_dtype(abbr), kind == "static", group or (int(row), int(col)),
+                     layouts[0] if layouts else None, ue8m0="ue8m0" in flags)
+
+
+@functools.lru_cache(maxsize=1024)
+def parse_quant_key(text: str) -> QuantKey:
+    """Inverse of ``str(QuantKey)`` (vLLM's format plus the layout/ue8m0 extras); also accepts a
+    constant name from :data:`ALL_KEYS` (``"kFp8DynamicTokenSym"``).
+
+    Used where a key must travel as a string, e.g. through a ``torch.library`` custom op schema.
+    Raises ``ValueError`` for text that is not exactly the string of some key.
+    """
+    if text in ALL_KEYS:
+        return ALL_KEYS[text]
+    mt = _KEY_RE.fullmatch(text)
+    if mt is None:
+        raise ValueError(f"not a QuantKey string or constant name: {text!r}")
+    g = mt.groups()
+    key = QuantKey(canonical_dtype(g[0]), _parse_scale(*g[1:7]), _parse_scale(*g[7:13]) if g[7] else None,
+                   symmetric=g[13] == "symmetric")
+    if str(key) != text:  # e.g. a redundant default layout spelled out
+        raise ValueError(f"{text!r} is not in canonical form; the key it names prints as {key}")
+    return key
