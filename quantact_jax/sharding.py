@@ -215,6 +215,22 @@ def _put(a: Any, mesh: Mesh, spec: P) -> jax.Array:
     return jax.device_put(jnp.asarray(a), NamedSharding(mesh, spec))
 
 
+def producer_axis_name(op: str, key: QuantKey, plan: ShardPlan) -> Axes | None:
+    """Check that producer ``op`` (``"quant"``, ``"rms"``, ``"silu"``) can emit ``key`` shard by shard
+    under ``plan`` (``QuantShardingError`` otherwise) and return the ``axis_name`` to pass it: the
+    axes of a dynamic per-tensor key's cross-shard amax, else ``None``."""
+    desc = key.scale
+    if plan.k_parts > 1 and op == "rms":
+        raise QuantShardingError(
+            "rms_norm_quant needs whole rows: a K split would need a cross-shard sum of squares, which adds in "
+            "another order than the single-device tree (bits would differ); shard rows only")
+    if plan.k_parts > 1 and not desc.static and desc.group_shape.is_per_token():
+        raise QuantShardingError(f"{key}: a dynamic per-token scale needs the amax of whole rows; shard rows only "
+                                 "(or use a per-group key, whose groups stay inside a K shard)")
+    dyn_tensor = not desc.static and desc.group_shape.is_per_tensor()
+    return plan.axes if dyn_tensor and plan.axes else None
+
+
 def _produce(op: str, x: jax.Array, key: QuantKey | None, mesh: Mesh, spec: P, *, layer: Any, scale: Any,
              global_scale: Any, scale_ub: Any, weight: Any = None, residual: Any = None, eps: float = 1e-6,
              config: ProducerConfig | None, interpret: bool | None
@@ -226,16 +242,8 @@ def _produce(op: str, x: jax.Array, key: QuantKey | None, mesh: Mesh, spec: P, *
     k = x.shape[-1] // 2 if op == "silu" else x.shape[-1]
     orig_shape = (*x.shape[:-1], k)
     plan = shard_plan(key, orig_shape, spec, mesh)
+    axis_name = producer_axis_name(op, key, plan)
     desc = key.scale
-    if plan.k_parts > 1 and op == "rms":
-        raise QuantShardingError(
-            "rms_norm_quant needs whole rows: a K split would need a cross-shard sum of squares, which adds in "
-            "another order than the single-device tree (bits would differ); shard rows only")
-    if plan.k_parts > 1 and not desc.static and desc.group_shape.is_per_token():
-        raise QuantShardingError(f"{key}: a dynamic per-token scale needs the amax of whole rows; shard rows only "
-                                 "(or use a per-group key, whose groups stay inside a K shard)")
-    dyn_tensor = not desc.static and desc.group_shape.is_per_tensor()
-    axis_name = plan.axes if dyn_tensor and plan.axes else None
     m, _ = rows_cols(orig_shape)
     names, args, specs = ["x"], [x], [plan.data_spec]
 
@@ -330,19 +338,34 @@ def weight_specs(weight_key: QuantKey, n: int, k: int, n_axes: Axes, k_axes: Axe
     raise QuantShardingError(f"unsupported weight key {weight_key}")
 
 
-def _mm_local(qa: QuantizedActivation, w: jax.Array, ws: jax.Array, bias: jax.Array | None, *, key: QuantKey,
-              wkey: QuantKey, out_dtype: Any, k_axes: Axes, reduce_dtype: Any, config: MatmulConfig | None,
-              interpret: bool | None) -> jax.Array:
-    """One shard's GEMM; with ``k_axes`` a partial product, summed over them in ``reduce_dtype``."""
-    if not k_axes:
-        return consumers.scaled_mm(qa, w, ws, bias=bias, out_dtype=out_dtype, input_quant_key=key, weight_key=wkey,
-                                   config=config, interpret=interpret)
-    part = consumers.scaled_mm(qa, w, ws, out_dtype=reduce_dtype, input_quant_key=key, weight_key=wkey,
-                               config=config, interpret=interpret)
-    out = jax.lax.psum(part, k_axes)
-    if bias is not None:  # once, after the reduction, in the reduction dtype (the kernel's epilogue adds in f32)
-        out = out + bias.astype(reduce_dtype)
-    return out.astype(out_dtype)
+def sharded_gemm(qa: QuantizedActivation, plan: ShardPlan, mesh: Mesh, n_axes: Axes, operands: Any,
+                 operand_specs: Any, bias: jax.Array | None, mm: Callable[..., jax.Array], *, out_dtype: Any,
+                 reduce_dtype: Any = jnp.float32) -> jax.Array:
+    """Run ``mm(qa_local, operands_local, bias_local, dtype)`` (one shard's GEMM) under ``shard_map``.
+
+    ``qa`` is sharded as ``plan``, ``operands`` (a pytree: weights, scales, a layer) as
+    ``operand_specs``, ``bias [N]`` over ``n_axes``. Output ``[..., N]``: rows as ``qa``, N over
+    ``n_axes``. With a K split, each shard's partial (scales applied, no bias) comes out in
+    ``reduce_dtype`` and is summed with ``lax.psum`` over the K axes; the bias is added once after the
+    sum, then the result is cast to ``out_dtype``.
+    """
+    out_spec = P(*plan.data_spec[:-1], _entry(n_axes))
+    bias_spec = P(_entry(n_axes))
+
+    def body(d, s, ops, *b):
+        qa_l = QuantizedActivation(d, s, qa.orig_dtype, plan.local_orig_shape, qa.quant_key)
+        bias_l = b[0] if b else None
+        if not plan.k_axes:
+            return mm(qa_l, ops, bias_l, out_dtype)
+        out = jax.lax.psum(mm(qa_l, ops, None, reduce_dtype), plan.k_axes)
+        if bias_l is not None:  # once, after the sum (the kernel's epilogue adds it to the f32 accumulator)
+            out = out + bias_l.astype(reduce_dtype)
+        return out.astype(out_dtype)
+
+    specs = (plan.data_spec, plan.scale_spec, operand_specs) + ((bias_spec,) if bias is not None else ())
+    args = (qa.data, qa.scale, operands) + ((bias,) if bias is not None else ())
+    placed = [jax.device_put(a, jax.tree.map(lambda sp: NamedSharding(mesh, sp), sp)) for a, sp in zip(args, specs)]
+    return _shard_map(body, mesh, specs, out_spec)(*placed)
 
 
 def sharded_scaled_mm(x: QuantizedActivation | jax.Array, weight: jax.Array, weight_scale: jax.Array, mesh: Mesh,
@@ -374,25 +397,24 @@ def sharded_scaled_mm(x: QuantizedActivation | jax.Array, weight: jax.Array, wei
     wkey = weight_key or consumers.weight_key_for(
         weight_scale, n, k, prefer_block=input_quant_key.scale.group_shape == GroupShape(1, 128))
     n_ax = _axes(n_axes)
-    w_spec, ws_spec = weight_specs(wkey, n, k, n_ax, plan.k_axes, mesh)
-    out_spec = P(*plan.data_spec[:-1], _entry(n_ax))
     out_dtype = jnp.dtype(qa.orig_dtype if out_dtype is None else out_dtype)
-    args = [qa.data, qa.scale, weight, weight_scale] + ([bias] if bias is not None else [])
-    specs = (plan.data_spec, plan.scale_spec, w_spec, ws_spec) + ((P(_entry(n_ax)),) if bias is not None else ())
 
-    def body(d, s, w, ws, *b):
-        qa_l = QuantizedActivation(d, s, qa.orig_dtype, plan.local_orig_shape, input_quant_key)
-        return _mm_local(qa_l, w, ws, b[0] if b else None, key=input_quant_key, wkey=wkey, out_dtype=out_dtype,
-                         k_axes=plan.k_axes, reduce_dtype=reduce_dtype, config=config, interpret=interpret)
+    def mm(qa_l, ops, b, dtype):
+        return consumers.scaled_mm(qa_l, *ops, bias=b, out_dtype=dtype, input_quant_key=input_quant_key,
+                                   weight_key=wkey, config=config, interpret=interpret)
 
-    return _shard_map(body, mesh, specs, out_spec)(*(_put(a, mesh, s) for a, s in zip(args, specs)))
+    return sharded_gemm(qa, plan, mesh, n_ax, (weight, jnp.asarray(weight_scale)),
+                        weight_specs(wkey, n, k, n_ax, plan.k_axes, mesh), bias, mm, out_dtype=out_dtype,
+                        reduce_dtype=reduce_dtype)
 
 
 __all__ = [
     "ShardPlan",
     "activation_sharding",
+    "producer_axis_name",
     "scale_spec",
     "shard_plan",
+    "sharded_gemm",
     "sharded_quantize",
     "sharded_rms_norm_quant",
     "sharded_scaled_mm",
