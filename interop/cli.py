@@ -152,6 +152,14 @@ def _bench(args: argparse.Namespace) -> int:
     return producers.main()
 
 
+def _check(args: argparse.Namespace) -> int:
+    """The Pallas kernels through the torch ops vs the torch reference, bit for bit (quantact_torch.check)."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    from quantact_torch.check import run_cli
+
+    return run_cli(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="quantact", description="vLLM's pre-quantized activation contract for "
                                  "JAX/Pallas, bridged to PyTorch.")
@@ -167,6 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--quick", action="store_true", help="smaller shapes")
     b.add_argument("--configs", action="store_true", help="also sweep block_m x num_warps")
     b.set_defaults(fn=_bench)
+    c = sub.add_parser("check", help="Pallas kernels run through the torch ops vs the torch reference, bit for bit, "
+                       "for every key and fused op; exit 1 on a mismatch")
+    c.add_argument("--m", type=int, default=37, help="tokens (default 37)")
+    c.add_argument("--k", type=int, default=384, help="hidden size, a multiple of 128 (default 384)")
+    c.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--keys", default="", help="comma-separated key constants, e.g. kFp8DynamicTokenSym (default: all)")
+    c.add_argument("--ops", default="quant,rms,rms+res,silu", help="comma-separated ops (default: all four)")
+    c.add_argument("--layouts", action="store_true", help="also every other scale layout of each key")
+    c.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when torch sees one)")
+    c.set_defaults(fn=_check)
     args = ap.parse_args(argv)
     if args.cmd == "demo" and args.m and args.k and args.k % 128:
         ap.error("--k must be a multiple of 128 (the demo includes group-128 keys)")

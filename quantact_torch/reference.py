@@ -329,9 +329,12 @@ def _as_tensor(scale: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def _static_scales(key: QuantKey, scale: Any, m: int, k: int) -> torch.Tensor:
-    """Validate a static scale (see the module docstring for column-major layouts)
-    and return logical f32/e4m3/e8m0 ``[Mg, Kg]``."""
+def static_scale_storage(key: QuantKey, scale: Any, m: int, k: int) -> torch.Tensor:
+    """Validate a user-supplied static scale against the key's storage shape for ``[M, K]`` and
+    return it as that contiguous storage, without copying where it already is (vLLM's column-major
+    view becomes its storage; a one-value per-tensor scale of any shape becomes ``(1,)``; see the
+    module docstring). Mirror of ``quantact_jax.reference.static_scale_storage``; shared by the
+    reference and :mod:`quantact_torch.ops`. The dtype is left as given."""
     if scale is None:
         raise QuantLayoutError(f"{key} is static: pass its scale")
     scale = _scale_storage_of(key, _as_tensor(scale), m, k)
@@ -340,6 +343,13 @@ def _static_scales(key: QuantKey, scale: Any, m: int, k: int) -> torch.Tensor:
         scale = scale.reshape(1)
     if tuple(scale.shape) != want:
         raise QuantLayoutError(f"{key}: static scale has shape {tuple(scale.shape)}, expected {want} for [M={m}, K={k}]")
+    return scale
+
+
+def _static_scales(key: QuantKey, scale: Any, m: int, k: int) -> torch.Tensor:
+    """Validate a static scale (see the module docstring for column-major layouts)
+    and return logical f32/e4m3/e8m0 ``[Mg, Kg]``."""
+    scale = static_scale_storage(key, scale, m, k)
     if key.scale.group_shape.is_per_tensor():
         return scale.to(F32).reshape(1, 1)
     mg, kg = logical_scale_shape(key.scale, m, k)
@@ -378,8 +388,7 @@ def quantize_f32(v: torch.Tensor, key: QuantKey, orig_dtype, orig_shape, *, scal
                 q = sat(v * _expand(true_div(1.0, s), m, k, gr, gc))
             else:  # vLLM static int8: true division
                 q = sat(true_div(v, _expand(s, m, k, gr, gc)))
-            storage = _scale_storage_of(key, _as_tensor(scale), m, k)
-            storage = storage.to(torch_dtype(desc.storage_dtype)).reshape(scale_storage_shape(desc, m, k))
+            storage = static_scale_storage(key, scale, m, k).to(torch_dtype(desc.storage_dtype))
             return _qa(q.reshape(*lead, k), storage.to(v.device), orig_dtype, orig_shape, key)
         a = torch.abs(v)
         if desc.group_shape.is_per_tensor():
@@ -616,7 +625,7 @@ def scaled_mm(a: QuantizedActivation, weight: torch.Tensor, weight_scale: torch.
 
 __all__ = [
     "FP8_MAX", "FP8_MIN_SCALE", "GROUP_EPS", "FP4_MAX", "quantize", "quantize_f32", "rms_norm",
-    "rms_norm_quant", "silu_and_mul", "silu_and_mul_quant", "dequantize", "dequantize_codes",
+    "rms_norm_quant", "silu_and_mul", "silu_and_mul_quant", "dequantize", "dequantize_codes", "static_scale_storage",
     "scaled_mm", "tree_sum", "layout_scales", "unlayout_scales", "sat_fp8", "e2m1_encode", "pack_fp4",
     "unpack_fp4", "pow2_ceil", "e8m0_from_f32", "f32_from_e8m0", "true_div", "sqrt_rn", "round_to",
 ]

@@ -1,0 +1,449 @@
+"""PyTorch ops that run quantact's Pallas kernels on torch tensors, through the DLPack bridge.
+
+``quantize``, ``rms_norm_quant``, ``silu_and_mul_quant`` (producers) and ``scaled_mm`` (consumer)
+have the names, arguments and bits of :mod:`quantact_jax.producers` / :mod:`quantact_jax.consumers`
+(and of the torch reference), take torch tensors (CUDA or CPU) and return torch tensors and the
+vLLM-style :class:`~quantact_torch.activation.QuantizedActivation`. Each call crosses into JAX with
+:func:`interop.bridge.to_jax` and back with :func:`interop.bridge.to_torch`: no device copies (the
+outputs are the JAX kernels' own buffers; CUDA inputs are imported with ``copy=False``, so a copy
+would be an error). A cached ``jax.jit`` per (op, key, eps, platform) runs the kernel; on CPU tensors
+the kernels run in Pallas interpret mode on JAX's CPU device, on CUDA tensors compiled on the
+tensor's GPU.
+
+torch.compile
+    The kernels are ``torch.library`` custom ops in namespace ``quantact`` (``torch.ops.quantact.*``)
+    with fake implementations, so they trace under ``torch.compile`` (``fullgraph=True`` works). The
+    ops take and return plain tensors; the key travels as ``str(key)`` (parsed back by
+    :func:`interop.keys.parse_quant_key`) and these wrappers assemble the ``QuantizedActivation``.
+    Producer ops return ``[data, scale storage (dynamic keys only), residual_out (with a residual)]``;
+    a static key's scale storage is the caller's tensor, so it is not an output (an op output may not
+    alias an input).
+
+Streams (CUDA)
+    Ordered with torch's *current stream* of the input's device, without host synchronisation:
+    ``jax.dlpack.from_dlpack`` passes JAX's stream for external ready events to
+    ``torch.Tensor.__dlpack__(stream=...)``, which records an event on torch's current stream and
+    makes JAX's stream wait for it (so work queued before the call is visible to the kernel); the
+    outputs go back through ``torch.from_dlpack``, which hands torch's current stream to
+    ``jax.Array.__dlpack__(stream=...)``, and JAX makes that stream wait for the kernel's completion
+    event (so work queued after the call sees the result). Because the current stream waits for the
+    kernel before the call returns, freeing or overwriting an input afterwards (on that stream) is
+    safe. Inputs allocated on another stream follow torch's usual rule (``record_stream``).
+    Output buffers belong to JAX; they are freed when the torch tensor dies, and JAX may reuse them
+    for its next computation: every op orders JAX after torch's current stream, but other JAX work
+    launched directly (not through these ops) is not ordered after torch work still reading an
+    output -- synchronise or keep the output alive until that work is done. On CPU both sides
+    are host-synchronous at the boundary (the export waits for the JAX result).
+
+CUDA graphs
+    A JAX executable launched from a torch op cannot be captured into a torch CUDA graph (JAX
+    launches on its own stream and allocates from its own pool, outside the capture), so the ops
+    raise ``RuntimeError`` when ``torch.cuda.is_current_stream_capturing()``. The custom ops carry
+    ``torch.Tag.cudagraph_unsafe`` where torch has it, so ``torch.compile(mode="reduce-overhead")``
+    leaves them out of its CUDA graphs instead of capturing them.
+
+Errors
+    Raised before any kernel runs, in the eager call and while tracing: ``TypeError`` (not a tensor,
+    not a ``QuantKey``), :class:`~interop.errors.BridgeError` (non-contiguous, a device other than
+    cpu/cuda, tensors on different devices), :class:`~interop.errors.QuantLayoutError` (dtype,
+    shape, K not a multiple of the group, a static key without its scale, a scale a key does not
+    take), :class:`~interop.errors.QuantKeyMismatchError` (``scaled_mm`` given an activation of another
+    key; checked here and again by the JAX consumer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from interop.bridge import to_jax, to_torch
+from interop.dtypes import canonical_dtype, torch_dtype
+from interop.errors import BridgeError, QuantLayoutError
+from interop.keys import QuantFormat, QuantKey, ScaleDirection, parse_quant_key
+from interop.layers import get_input_quant_key, get_input_quant_scales
+from interop.layout import check_k_divisible, data_storage, scale_storage_shape
+from quantact_torch.activation import (
+    QuantizedActivation,
+    as_quantized_activation,
+    scale_from_storage,
+)
+from quantact_torch.reference import static_scale_storage
+
+Tensor = torch.Tensor
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+_DYNAMIC_SCALE = "{key} is dynamic (the kernel computes its scales): do not pass scale"
+
+
+# ---------------------------------------------------------------- checks (shared by the kernels and the fakes)
+def _check_tensor(t: Any, what: str, x: Tensor, dtypes=None, shape=None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != x.device:
+        raise BridgeError(f"{what} is on {t.device} but the input is on {x.device}; put every tensor of the "
+                          "call on one device")
+    if not t.is_contiguous():
+        raise BridgeError(f"{what} of shape {tuple(t.shape)} has strides {tuple(t.stride())}, not contiguous: the "
+                          "Pallas kernels read row-major buffers and the bridge does not copy; call .contiguous()")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise QuantLayoutError(f"{what} has dtype {t.dtype}; expected {' or '.join(map(str, dtypes))}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise QuantLayoutError(f"{what} has shape {tuple(t.shape)}; expected {tuple(shape)}")
+
+
+def _check_scalar(t: Tensor | None, what: str, x: Tensor) -> None:
+    if t is not None:
+        _check_tensor(t, what, x, (torch.float32,))
+        if t.numel() != 1:
+            raise QuantLayoutError(f"{what} must hold one value, got shape {tuple(t.shape)}")
+
+
+def _check_producer(op: str, key: QuantKey, x: Tensor, weight: Tensor | None, residual: Tensor | None,
+                    scale: Tensor | None, global_scale: Tensor | None, scale_ub: Tensor | None) -> int:
+    """Validate a producer call; returns K (the quantized row width)."""
+    _check_tensor(x, "x", x, FLOATS)
+    if x.dim() < 1:
+        raise QuantLayoutError("x must have at least one dimension")
+    k = x.shape[-1]
+    if op == "silu":
+        if k % 2:
+            raise QuantLayoutError(f"silu_and_mul needs an even last dimension [gate | up], got {k}")
+        k = k // 2
+    check_k_divisible(key, k)
+    if key.is_fp4 and k % 2:
+        raise QuantLayoutError(f"{key}: packed fp4 needs an even K, got {k}")
+    if op == "rms":
+        _check_tensor(weight, "weight", x, FLOATS, (k,))
+        if residual is not None:
+            _check_tensor(residual, "residual", x, (x.dtype,), x.shape)
+    if key.scale.static:
+        if scale is None:
+            raise QuantLayoutError(f"{key} is static: pass its scale")
+        m = math.prod(x.shape[:-1])
+        sdt = torch_dtype(key.scale.storage_dtype)
+        _check_tensor(scale, "scale", x, (sdt,), scale_storage_shape(key.scale, m, k))
+    elif scale is not None:
+        raise QuantLayoutError(_DYNAMIC_SCALE.format(key=key))
+    if key.format == QuantFormat.NVFP4:
+        if global_scale is None:
+            raise QuantLayoutError(f"{key} needs global_scale (the quantisation multiplier 448*6/amax)")
+    elif global_scale is not None:
+        raise QuantLayoutError(f"{key} takes no global_scale (only NVFP4 keys do)")
+    _check_scalar(global_scale, "global_scale", x)
+    _check_scalar(scale_ub, "scale_ub", x)
+    return k
+
+
+def _check_mm(key: QuantKey, x: Tensor, x_scale: Tensor | None, orig_dtype: torch.dtype | None, weight: Tensor,
+              weight_scale: Tensor, bias: Tensor | None, input_scale: Tensor | None) -> None:
+    if x_scale is None:
+        _check_tensor(x, "x", x, FLOATS)
+    else:
+        _check_tensor(x, "activation data", x, (torch_dtype(key.dtype),))
+        _check_tensor(x_scale, "activation scale storage", x, (torch_dtype(key.scale.storage_dtype),))
+        if orig_dtype not in FLOATS:
+            raise QuantLayoutError(f"orig_dtype must be one of {FLOATS}, got {orig_dtype}")
+    _check_tensor(weight, "weight", x, (torch.float8_e4m3fn,))
+    if weight.dim() != 2:
+        raise QuantLayoutError(f"weight must be [N, K], got shape {tuple(weight.shape)}")
+    k = x.shape[-1] * (2 if key.is_fp4 and x_scale is not None else 1)
+    if k != weight.shape[1]:
+        raise QuantLayoutError(f"activation K={k} does not match weight [N={weight.shape[0]}, K={weight.shape[1]}]")
+    _check_tensor(weight_scale, "weight_scale", x, FLOATS)
+    if bias is not None:
+        _check_tensor(bias, "bias", x, FLOATS, (weight.shape[0],))
+    if input_scale is not None:
+        _check_tensor(input_scale, "input_scale", x, (torch.float32,))
+
+
+def _runnable(x: Tensor) -> contextlib.AbstractContextManager:
+    """The device context for the call; refuses devices the bridge cannot share and CUDA graph capture."""
+    if x.device.type == "cpu":
+        return contextlib.nullcontext()
+    if x.device.type != "cuda":
+        raise BridgeError(f"quantact ops run on cpu and cuda tensors, got a tensor on {x.device}")
+    # torch's __dlpack__ orders the *current device's* current stream: make it the input's device
+    ctx = torch.cuda.device(x.device) if x.device.index != torch.cuda.current_device() else contextlib.nullcontext()
+    with ctx:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "quantact ops cannot run during CUDA graph capture: the Pallas kernel is a JAX executable "
+                "launched on JAX's own stream with JAX's allocator, which a torch CUDA graph does not record. "
+                "Call the op outside the captured region (torch.compile(mode='reduce-overhead') already "
+                "leaves these ops out of its graphs)")
+    return ctx
+
+
+# ---------------------------------------------------------------- the JAX side (cached jitted functions)
+@functools.cache
+def _producer_fn(op: str, key_s: str, eps: float, interpret: bool):
+    import jax
+
+    from quantact_jax import producers
+
+    key = parse_quant_key(key_s)
+
+    def fn(x, weight, residual, scale, global_scale, scale_ub):
+        kw = {"scale": scale, "global_scale": global_scale, "scale_ub": scale_ub, "interpret": interpret}
+        res = None
+        if op == "quant":
+            qa = producers.quantize(x, key, **kw)
+        elif op == "silu":
+            qa = producers.silu_and_mul_quant(x, key, **kw)
+        else:
+            qa, res = producers.rms_norm_quant(x, weight, key, eps=eps, residual=residual, **kw)
+        return (qa.data, *(() if key.scale.static else (qa.scale,)), *(() if res is None else (res,)))
+
+    return jax.jit(fn)
+
+
+@functools.cache
+def _consumer_fn(key_s: str, weight_key_s: str | None, orig_dtype: str | None, out_dtype: str | None,
+                 interpret: bool):
+    import jax
+
+    from interop.dtypes import numpy_dtype
+    from quantact_jax import consumers
+    from quantact_jax.activation import QuantizedActivation as JaxQA
+
+    key = parse_quant_key(key_s)
+    wkey = None if weight_key_s is None else parse_quant_key(weight_key_s)
+
+    def fn(x, x_scale, weight, weight_scale, bias, input_scale):
+        if x_scale is not None:
+            k = x.shape[-1] * (2 if key.is_fp4 else 1)
+            x = JaxQA(x, x_scale, numpy_dtype(orig_dtype), (*x.shape[:-1], k), key)
+        return consumers.scaled_mm(x, weight, weight_scale, bias=bias, input_quant_key=key, input_scale=input_scale,
+                                   weight_key=wkey, interpret=interpret,
+                                   out_dtype=None if out_dtype is None else numpy_dtype(out_dtype))
+
+    return jax.jit(fn)
+
+
+def _call(fn, x: Tensor, *args: Tensor | None) -> tuple:
+    """Run jitted ``fn`` on torch tensors: imports them (zero-copy; CPU buffers that are not 64-byte
+    aligned are copied by XLA, with a warning), returns JAX's outputs as torch tensors (zero-copy)."""
+    copy = None if x.device.type == "cpu" else False
+    outs = fn(*(None if t is None else to_jax(t, copy=copy) for t in (x, *args)))
+    return tuple(to_torch(a, copy=False) for a in (outs if isinstance(outs, tuple) else (outs,)))
+
+
+# ---------------------------------------------------------------- custom ops
+def _produce(op: str, key: str, x: Tensor, weight: Tensor | None, residual: Tensor | None, scale: Tensor | None,
+             global_scale: Tensor | None, scale_ub: Tensor | None, eps: float) -> list[Tensor]:
+    _check_producer(op, parse_quant_key(key), x, weight, residual, scale, global_scale, scale_ub)
+    with _runnable(x):
+        fn = _producer_fn(op, key, float(eps), x.device.type == "cpu")
+        return list(_call(fn, x, weight, residual, scale, global_scale, scale_ub))
+
+
+def _produce_fake(op: str, key: str, x: Tensor, weight: Tensor | None, residual: Tensor | None,
+                  scale: Tensor | None, global_scale: Tensor | None, scale_ub: Tensor | None) -> list[Tensor]:
+    qkey = parse_quant_key(key)
+    k = _check_producer(op, qkey, x, weight, residual, scale, global_scale, scale_ub)
+    orig_shape = (*x.shape[:-1], k)
+    shape, dt = data_storage(qkey, orig_shape)
+    outs = [x.new_empty(shape, dtype=torch_dtype(dt))]
+    if not qkey.scale.static:
+        storage = scale_storage_shape(qkey.scale, math.prod(orig_shape[:-1]), k)
+        outs.append(x.new_empty(storage, dtype=torch_dtype(qkey.scale.storage_dtype)))
+    if residual is not None:
+        outs.append(torch.empty_like(residual))
+    return outs
+
+
+@torch.library.custom_op("quantact::quantize", mutates_args=(), tags=_TAGS)
+def _quantize_op(x: Tensor, key: str, scale: Tensor | None, global_scale: Tensor | None,
+                 scale_ub: Tensor | None) -> list[Tensor]:
+    """Pallas quantize: ``[data, scale storage (dynamic keys)]``."""
+    return _produce("quant", key, x, None, None, scale, global_scale, scale_ub, 0.0)
+
+
+@_quantize_op.register_fake
+def _(x, key, scale, global_scale, scale_ub):
+    return _produce_fake("quant", key, x, None, None, scale, global_scale, scale_ub)
+
+
+@torch.library.custom_op("quantact::rms_norm_quant", mutates_args=(), tags=_TAGS)
+def _rms_norm_quant_op(x: Tensor, weight: Tensor, key: str, eps: float, residual: Tensor | None,
+                       scale: Tensor | None, global_scale: Tensor | None, scale_ub: Tensor | None) -> list[Tensor]:
+    """Pallas (residual add +) RMSNorm -> quant: ``[data, scale storage (dynamic keys), residual_out (if given)]``."""
+    return _produce("rms", key, x, weight, residual, scale, global_scale, scale_ub, eps)
+
+
+@_rms_norm_quant_op.register_fake
+def _(x, weight, key, eps, residual, scale, global_scale, scale_ub):
+    return _produce_fake("rms", key, x, weight, residual, scale, global_scale, scale_ub)
+
+
+@torch.library.custom_op("quantact::silu_and_mul_quant", mutates_args=(), tags=_TAGS)
+def _silu_and_mul_quant_op(x: Tensor, key: str, scale: Tensor | None, global_scale: Tensor | None,
+                           scale_ub: Tensor | None) -> list[Tensor]:
+    """Pallas SiLU-and-mul -> quant: ``[data, scale storage (dynamic keys)]``."""
+    return _produce("silu", key, x, None, None, scale, global_scale, scale_ub, 0.0)
+
+
+@_silu_and_mul_quant_op.register_fake
+def _(x, key, scale, global_scale, scale_ub):
+    return _produce_fake("silu", key, x, None, None, scale, global_scale, scale_ub)
+
+
+@torch.library.custom_op("quantact::scaled_mm", mutates_args=(), tags=_TAGS)
+def _scaled_mm_op(x: Tensor, x_scale: Tensor | None, key: str, orig_dtype: torch.dtype | None, weight: Tensor,
+                  weight_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype | None,
+                  input_scale: Tensor | None, weight_key: str | None) -> Tensor:
+    """Pallas scaled GEMM. ``x_scale`` given: ``x`` is the activation's data and ``x_scale`` its scale
+    storage (``orig_dtype`` required); else ``x`` is a float input the kernel quantizes with ``key``."""
+    qkey = parse_quant_key(key)
+    _check_mm(qkey, x, x_scale, orig_dtype, weight, weight_scale, bias, input_scale)
+    with _runnable(x):
+        fn = _consumer_fn(key, weight_key, None if orig_dtype is None else canonical_dtype(orig_dtype),
+                          None if out_dtype is None else canonical_dtype(out_dtype), x.device.type == "cpu")
+        return _call(fn, x, x_scale, weight, weight_scale, bias, input_scale)[0]
+
+
+@_scaled_mm_op.register_fake
+def _(x, x_scale, key, orig_dtype, weight, weight_scale, bias, out_dtype, input_scale, weight_key):
+    _check_mm(parse_quant_key(key), x, x_scale, orig_dtype, weight, weight_scale, bias, input_scale)
+    dt = out_dtype or (x.dtype if x_scale is None else orig_dtype)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dt)
+
+
+# ---------------------------------------------------------------- public wrappers
+@torch.compiler.assume_constant_result
+def _key_str(key: QuantKey) -> str:
+    return str(key)
+
+
+def _as_key(key: Any, what: str = "key") -> QuantKey:
+    if not isinstance(key, QuantKey):
+        raise TypeError(f"{what} must be a QuantKey (interop.keys), got {key!r}")
+    return key
+
+
+def _resolve(key: QuantKey | None, layer: Any, scale: Any, global_scale: Any):
+    """The key and scales: explicit, or those a consumer layer exposes (``expose_input_quant_key``)."""
+    if layer is not None:
+        lkey = get_input_quant_key(layer, required=True)
+        if key is not None and key != lkey:
+            raise QuantLayoutError(f"requested {key} but the layer exposes {lkey}")
+        key = lkey
+        scales = get_input_quant_scales(layer)
+        scale = scales.input_scale if scale is None else scale
+        if global_scale is None and scales.global_scale is not None:
+            global_scale = scales.global_scale
+            if scales.global_scale_direction == ScaleDirection.DEQUANT:
+                global_scale = 1.0 / torch.as_tensor(global_scale, dtype=torch.float32)
+    if key is None:
+        raise TypeError("pass a QuantKey or a layer that exposes one")
+    return _as_key(key), scale, global_scale
+
+
+def _scalar(v: Any, x: Tensor) -> Tensor | None:
+    """A one-value scale as an f32 tensor: tensors are kept (cast to f32); host numbers go to x's device."""
+    if v is None:
+        return None
+    if isinstance(v, Tensor):
+        return v if v.dtype == torch.float32 else v.float()
+    return torch.tensor([float(np.float32(v))], dtype=torch.float32, device=x.device)
+
+
+def _static_storage(key: QuantKey, scale: Any, x: Tensor, k: int) -> Tensor | None:
+    """A static key's scale as its contiguous storage in the key's storage dtype (vLLM's column-major
+    view is accepted; host numbers become f32 on x's device); None for a dynamic key."""
+    if not key.scale.static:
+        if scale is not None:
+            raise QuantLayoutError(_DYNAMIC_SCALE.format(key=key))
+        return None
+    if scale is not None and not isinstance(scale, Tensor):
+        if key.format not in (QuantFormat.FP8, QuantFormat.INT8):
+            raise TypeError(f"{key}: pass the static block scales as a torch tensor")
+        scale = torch.tensor(np.asarray(scale, np.float32), device=x.device)  # a torch allocation (aligned)
+    storage = static_scale_storage(key, scale, math.prod(x.shape[:-1]), k)
+    sdt = torch_dtype(key.scale.storage_dtype)
+    if storage.dtype == torch.uint8 and sdt.itemsize == 1:
+        return storage.view(sdt)  # e4m3 / e8m0 block scales given as raw bytes
+    return storage if storage.dtype == sdt else storage.to(sdt)
+
+
+def _activation(key: QuantKey, x: Tensor, k: int, outs: list[Tensor], static: Tensor | None) -> QuantizedActivation:
+    storage = static if key.scale.static else outs[1]
+    orig_shape = (*x.shape[:-1], k)
+    return QuantizedActivation(outs[0], scale_from_storage(storage, key, orig_shape), x.dtype, orig_shape, key)
+
+
+def quantize(x: Tensor, key: QuantKey | None = None, *, layer: Any = None, scale: Any = None,
+             global_scale: Any = None, scale_ub: Any = None) -> QuantizedActivation:
+    """Quantize ``x [..., K]`` with ``key`` (or the key ``layer`` exposes) with the Pallas kernel.
+
+    Same arguments and bits as ``quantact_jax.producers.quantize`` and ``quantact_torch.reference.quantize``:
+    ``scale`` is a static key's scale (storage, or vLLM's column-major view), ``global_scale`` NVFP4's
+    quantisation multiplier, ``scale_ub`` the per-token amax bound; one-value scales may be Python
+    numbers (put on x's device). Returns a ``QuantizedActivation`` whose data and dynamic scales are
+    the kernel's buffers.
+    """
+    key, scale, global_scale = _resolve(key, layer, scale, global_scale)
+    _check_tensor(x, "x", x)
+    static = _static_storage(key, scale, x, x.shape[-1])
+    outs = _quantize_op(x, _key_str(key), static, _scalar(global_scale, x), _scalar(scale_ub, x))
+    return _activation(key, x, x.shape[-1], outs, static)
+
+
+def rms_norm_quant(x: Tensor, weight: Tensor, key: QuantKey | None = None, *, layer: Any = None, eps: float = 1e-6,
+                   residual: Tensor | None = None, scale: Any = None, global_scale: Any = None,
+                   scale_ub: Any = None) -> tuple[QuantizedActivation, Tensor | None]:
+    """Fused (residual add +) RMSNorm -> quant with the Pallas kernel; ``(activation, residual_out)``.
+
+    As ``quantact_jax.producers.rms_norm_quant``: static keys add the residual in the input dtype, dynamic
+    keys in f32 (vLLM). ``residual_out`` is a new tensor (vLLM updates the residual in place; an op
+    here never writes its inputs).
+    """
+    key, scale, global_scale = _resolve(key, layer, scale, global_scale)
+    _check_tensor(x, "x", x)
+    static = _static_storage(key, scale, x, x.shape[-1])
+    outs = _rms_norm_quant_op(x, weight, _key_str(key), float(eps), residual, static, _scalar(global_scale, x),
+                              _scalar(scale_ub, x))
+    return _activation(key, x, x.shape[-1], outs, static), (outs[-1] if residual is not None else None)
+
+
+def silu_and_mul_quant(x: Tensor, key: QuantKey | None = None, *, layer: Any = None, scale: Any = None,
+                       global_scale: Any = None, scale_ub: Any = None) -> QuantizedActivation:
+    """Fused SiLU-and-mul -> quant of ``x [..., 2d] = [gate | up]`` with the Pallas kernel."""
+    key, scale, global_scale = _resolve(key, layer, scale, global_scale)
+    _check_tensor(x, "x", x)
+    k = x.shape[-1] // 2
+    static = _static_storage(key, scale, x, k)
+    outs = _silu_and_mul_quant_op(x, _key_str(key), static, _scalar(global_scale, x), _scalar(scale_ub, x))
+    return _activation(key, x, k, outs, static)
+
+
+def scaled_mm(x: QuantizedActivation | Tensor, weight: Tensor, weight_scale: Tensor, *, bias: Tensor | None = None,
+              out_dtype: Any = None, input_quant_key: QuantKey, input_scale: Any = None,
+              weight_key: QuantKey | None = None) -> Tensor:
+    """``x @ dequant(weight).T`` with the Pallas consumer (``quantact_jax.consumers.scaled_mm``).
+
+    ``x``: a ``QuantizedActivation`` keyed ``input_quant_key`` -- checked here (``QuantKeyMismatchError``,
+    ``QuantLayoutError``) and again by the JAX consumer, never re-quantized -- or a float tensor the
+    kernel quantizes with ``input_quant_key`` (``input_scale`` for static keys). ``weight``: ``[N, K]``
+    float8_e4m3fn; ``weight_scale``: ``(1,)``, ``(N, 1)`` or ``(cdiv(N,128), cdiv(K,128))``. Output
+    ``[*orig_shape[:-1], N]`` in ``out_dtype`` (default: the activation's ``orig_dtype``).
+    """
+    key = _as_key(input_quant_key, "input_quant_key")
+    qa = as_quantized_activation(x, key)
+    if qa is None:
+        data, storage, orig_dtype = x, None, None
+        input_scale = _static_storage(key, input_scale, x, x.shape[-1])
+    else:
+        data, storage, orig_dtype = qa.data, qa.scale_storage(), qa.orig_dtype
+    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
+        out_dtype = torch_dtype(canonical_dtype(out_dtype))
+    return _scaled_mm_op(data, storage, _key_str(key), orig_dtype, weight, weight_scale, bias, out_dtype, input_scale,
+                         None if weight_key is None else _key_str(_as_key(weight_key, "weight_key")))
+
+
+__all__ = ["quantize", "rms_norm_quant", "scaled_mm", "silu_and_mul_quant"]
