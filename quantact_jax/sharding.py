@@ -205,14 +205,32 @@ def activation_sharding(data_sharding: NamedSharding | P, key: QuantKey, orig_sh
 
 
 # ------------------------------------------------------------------ producers under shard_map
-def _shard_map(f: Callable, mesh: Mesh, in_specs: tuple, out_specs: Any) -> Callable:
-    # check_vma=False: pallas_call results carry no varying-mesh-axes type (jax 0.10-0.11 refuse them)
-    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+def place(tree: Any, specs: Any, mesh: Mesh) -> Any:
+    """``tree`` with every leaf placed as the matching ``PartitionSpec`` of ``specs`` on ``mesh``
+    (``jax.device_put`` leaf by leaf; works eagerly and under ``jit``)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(treedef, [jax.device_put(jnp.asarray(a), NamedSharding(mesh, s))
+                                        for a, s in zip(leaves, treedef.flatten_up_to(specs))])
 
 
-def _put(a: Any, mesh: Mesh, spec: P) -> jax.Array:
-    """``a`` with sharding ``spec`` (a no-op when it has it; a reshard under ``jit``)."""
-    return jax.device_put(jnp.asarray(a), NamedSharding(mesh, spec))
+def shard_map_call(body: Callable, mesh: Mesh, args: tuple, specs: tuple, out_specs: Any) -> Any:
+    """``shard_map(body)(*args)`` with ``args`` (pytrees) sharded as ``specs`` (matching pytrees of
+    ``PartitionSpec``s), each leaf first placed with its ``NamedSharding`` (a no-op when it has it, a
+    reshard under ``jit``).
+
+    The leaves cross ``shard_map`` flat and ``body`` gets its pytrees back rebuilt from the local
+    leaves: shard_map's prefix matching would rebuild containers with placeholder leaves, which
+    validating constructors (``QuantLinear``) refuse. ``check_vma=False``: ``pallas_call`` results
+    carry no varying-mesh-axes type (jax 0.10-0.11 refuse them under the check).
+    """
+    leaves, treedef = jax.tree.flatten(place(args, specs, mesh))
+    leaf_specs = treedef.flatten_up_to(specs)
+
+    def flat_body(*local):
+        return body(*jax.tree.unflatten(treedef, local))
+
+    return jax.shard_map(flat_body, mesh=mesh, in_specs=tuple(leaf_specs), out_specs=out_specs,
+                         check_vma=False)(*leaves)
 
 
 def producer_axis_name(op: str, key: QuantKey, plan: ShardPlan) -> Axes | None:
@@ -276,7 +294,7 @@ def _produce(op: str, x: jax.Array, key: QuantKey | None, mesh: Mesh, spec: P, *
         return qa.data, qa.scale
 
     out_specs = (plan.data_spec, plan.scale_spec) + ((plan.data_spec,) if residual is not None else ())
-    outs = _shard_map(body, mesh, tuple(specs), out_specs)(*(_put(a, mesh, s) for a, s in zip(args, specs)))
+    outs = shard_map_call(body, mesh, tuple(args), tuple(specs), out_specs)
     qa = QuantizedActivation(outs[0], outs[1], x.dtype, orig_shape, key)
     return qa, (outs[2] if residual is not None else None)
 
@@ -349,12 +367,8 @@ def sharded_gemm(qa: QuantizedActivation, plan: ShardPlan, mesh: Mesh, n_axes: A
     ``reduce_dtype`` and is summed with ``lax.psum`` over the K axes; the bias is added once after the
     sum, then the result is cast to ``out_dtype``.
     """
-    out_spec = P(*plan.data_spec[:-1], _entry(n_axes))
-    bias_spec = P(_entry(n_axes))
-
-    def body(d, s, ops, *b):
+    def body(d, s, ops, bias_l):
         qa_l = QuantizedActivation(d, s, qa.orig_dtype, plan.local_orig_shape, qa.quant_key)
-        bias_l = b[0] if b else None
         if not plan.k_axes:
             return mm(qa_l, ops, bias_l, out_dtype)
         out = jax.lax.psum(mm(qa_l, ops, None, reduce_dtype), plan.k_axes)
@@ -362,10 +376,9 @@ def sharded_gemm(qa: QuantizedActivation, plan: ShardPlan, mesh: Mesh, n_axes: A
             out = out + bias_l.astype(reduce_dtype)
         return out.astype(out_dtype)
 
-    specs = (plan.data_spec, plan.scale_spec, operand_specs) + ((bias_spec,) if bias is not None else ())
-    args = (qa.data, qa.scale, operands) + ((bias,) if bias is not None else ())
-    placed = [jax.device_put(a, jax.tree.map(lambda sp: NamedSharding(mesh, sp), sp)) for a, sp in zip(args, specs)]
-    return _shard_map(body, mesh, specs, out_spec)(*placed)
+    return shard_map_call(body, mesh, (qa.data, qa.scale, operands, bias),
+                          (plan.data_spec, plan.scale_spec, operand_specs, None if bias is None else P(_entry(n_axes))),
+                          P(*plan.data_spec[:-1], _entry(n_axes)))
 
 
 def sharded_scaled_mm(x: QuantizedActivation | jax.Array, weight: jax.Array, weight_scale: jax.Array, mesh: Mesh,
@@ -411,8 +424,10 @@ def sharded_scaled_mm(x: QuantizedActivation | jax.Array, weight: jax.Array, wei
 __all__ = [
     "ShardPlan",
     "activation_sharding",
+    "place",
     "producer_axis_name",
     "scale_spec",
+    "shard_map_call",
     "shard_plan",
     "sharded_gemm",
     "sharded_quantize",

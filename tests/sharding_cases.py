@@ -9,6 +9,8 @@ the bound is derived below.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -282,3 +284,118 @@ def test_sharded_scaled_mm_bad_weight_split():
     w, ws = _weight(256, 256, "block")
     with pytest.raises(QuantShardingError, match="multiple of 128"):
         S.sharded_scaled_mm(qa, w, ws, MESH, P("x"), n_axes="y", input_quant_key=G128)
+
+
+# ------------------------------------------------------------------ tensor parallelism
+def _tp():
+    from quantact_jax import mlp as M
+    from quantact_jax import tp as T
+
+    return M, T
+
+
+def _mm_bound(y, layer, n_blocks):
+    """The row-parallel bound of :func:`_row_parallel_bound` for ``layer(y)`` with a quantized ``y``."""
+    mode = {C.WEIGHT_PER_TENSOR: "tensor", C.WEIGHT_PER_CHANNEL: "channel", C.WEIGHT_BLOCK_128: "block"}
+    return _row_parallel_bound(y, layer.weight, layer.weight_scale, mode[layer.weight_key], n_blocks)
+
+
+def _close_after_cast(got, want, bound):
+    """``got`` and ``want`` are the same f32 sum in two orders (within ``bound``), each rounded to
+    bf16: they differ by at most the bound plus one bf16 step (2**-7 relative), which rounding can
+    tip where the f32 values straddle a bf16 midpoint; such tips are rare."""
+    g, w = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert (np.abs(g - w) <= bound + 2.0**-7 * np.maximum(np.abs(g), np.abs(w))).all()
+    assert (g == w).mean() > 0.95, f"{(g != w).mean():.3f} of the outputs differ"
+
+
+TP_KEYS = [K.kFp8DynamicTensorSym, G128, K.kFp8StaticTensorSym]
+
+
+@pytest.mark.parametrize("key", TP_KEYS, ids=str)
+def test_column_and_row_parallel_linears(key):
+    M, T = _tp()
+    block = M.make_block(256, 512, key=key, seed=1)
+    x = _x((64, 256), 11)
+    gu = block.gate_up
+    got = T.column_parallel(gu, x, MESH, P("x"), tp_axis="y")
+    assert got.sharding.is_equivalent_to(NamedSharding(MESH, P("x", "y")), 2)
+    assert (_bytes(got) == _bytes(gu(x))).all()
+    qa = PR.quantize(x, gu.input_key, scale=gu.input_scale)
+    assert (_bytes(T.column_parallel(gu, qa, MESH, tp_axis="y")) == _bytes(gu(qa))).all()
+
+    down = block.down.__class__.create(block.down.weight, block.down.weight_scale, input_scale=block.down.input_scale,
+                                       bias=jnp.asarray(np.random.default_rng(4).standard_normal(256), jnp.float32),
+                                       input_quant_key=block.down.input_key)
+    h = _x((64, 512), 12)
+    y = PR.quantize(h, down.input_key, scale=down.input_scale)
+    want = down(y, out_dtype=jnp.float32)
+    got = T.row_parallel(down, h, MESH, P("x", "y"), out_dtype=jnp.float32)  # plain input: sharded quantization
+    assert got.sharding.is_equivalent_to(NamedSharding(MESH, P("x", None)), 2)
+    np.testing.assert_array_less(np.abs(np.asarray(got) - np.asarray(want)), _mm_bound(y, down, 4) + 1e-30)
+
+
+def test_interleave_gate_up_pairs_shards():
+    M, T = _tp()
+    block = M.make_block(256, 512, key=G128, seed=2)
+    il = T.interleave_gate_up(block.gate_up, 4)
+    w, wi = np.asarray(block.gate_up.weight).view(np.uint8), np.asarray(il.weight).view(np.uint8)
+    for i in range(4):  # shard i: rows [gate_i; up_i]
+        assert (wi[256 * i:256 * i + 128] == w[128 * i:128 * (i + 1)]).all()
+        assert (wi[256 * i + 128:256 * (i + 1)] == w[512 + 128 * i:512 + 128 * (i + 1)]).all()
+    with pytest.raises(QuantShardingError, match="multiple of 128"):
+        T.interleave_gate_up(block.gate_up, 8)
+
+
+def _single_mlp(M, block, x, res, fused):
+    """One device's block, and the down projection's quantized input (for the bound)."""
+    out, res_out = M.mlp(block, x, res, fused=fused)
+    a, _ = PR.rms_norm_quant(x, block.norm_weight, layer=block.gate_up, residual=res, eps=block.eps)
+    if not fused:
+        n = R.rms_norm(x, block.norm_weight, block.eps, res, add_in_f32=False)[0]
+        a = block.gate_up.quantize_input(n)
+    h = block.gate_up(a)
+    y = PR.silu_and_mul_quant(h, layer=block.down) if fused else block.down.quantize_input(M.silu_and_mul(h))
+    return out, res_out, h, y
+
+
+MLP_CASES = [(K.kFp8DynamicTensorSym, True), (G128, True), (G128, False)]
+
+
+@pytest.mark.parametrize("key,fused", MLP_CASES, ids=[f"{k}-{'fused' if f else 'plain'}" for k, f in MLP_CASES])
+def test_tp_mlp_matches_single_device(key, fused):
+    M, T = _tp()
+    block = M.make_block(256, 512, key=key, seed=3)
+    x, res = _x((64, 256), 13), _x((64, 256), 14)
+    # under jit, as a model runs it (outside jit, shard_map runs the plain path's many jnp ops one by one)
+    want, want_res, _, y = jax.jit(lambda a, r: _single_mlp(M, block, a, r, fused))(x, res)
+    tpb = T.shard_mlp_block(block, MESH, "y")
+    got, got_res = jax.jit(lambda b, a, r: T.tp_mlp(b, a, MESH, P("x"), residual=r, fused=fused))(tpb, x, res)
+    assert got.sharding.is_equivalent_to(NamedSharding(MESH, P("x", None)), 2)
+    assert (_bytes(got_res) == _bytes(want_res)).all()
+    _close_after_cast(got, want, _mm_bound(y, block.down, 4))
+
+
+def test_tp_mlp_per_token_scales_are_shard_local_or_rejected():
+    """vLLM quantizes each shard's slice of the down projection's input per token on its own; that
+    is a different quantization than one device's, so it must be asked for."""
+    M, T = _tp()
+    block = M.make_block(256, 512, key=K.kFp8DynamicTokenSym, seed=4)
+    x = _x((64, 256), 15)
+    tpb = T.shard_mlp_block(block, MESH, "y")
+    with pytest.raises(QuantShardingError, match="shard_local_scales=True"):
+        T.tp_mlp(tpb, x, MESH, P("x"))
+    got, _ = T.tp_mlp(tpb, x, MESH, P("x"), shard_local_scales=True)
+    # the same computation composed shard by shard on one device: per-token quantization of each
+    # [gate_i | up_i] slice, each shard's partial down GEMM in f32, summed in shard order
+    h = jax.jit(lambda a: _single_mlp(M, block, a, None, True)[2])(x)
+    i4 = 128
+    parts, bound = [], 0.0
+    for i in range(4):
+        hi = jnp.concatenate([h[:, i4 * i:i4 * (i + 1)], h[:, 512 + i4 * i:512 + i4 * (i + 1)]], axis=1)
+        yi = PR.silu_and_mul_quant(hi, layer=block.down)
+        di = dataclasses.replace(block.down, weight=block.down.weight[:, i4 * i:i4 * (i + 1)])
+        parts.append(np.asarray(di(yi, out_dtype=jnp.float32)))
+        bound = bound + _mm_bound(yi, di, 1)
+    want = sum(parts).astype(jnp.bfloat16)
+    _close_after_cast(got, want, bound)
