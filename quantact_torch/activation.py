@@ -30,7 +30,7 @@ def scale_from_storage(storage: torch.Tensor, key: QuantKey, orig_shape) -> torc
         return storage
     m, _ = rows_cols(orig_shape)
     groups, mp = storage.shape
-    return storage.as_strided((m, groups), (1, mp), storage.storage_offset())
+    return storage.as_strided((m, groups), (1, mp))  # keeps the storage offset; no int-returning call to trace
 
 
 def scale_storage(scale: torch.Tensor, key: QuantKey, orig_shape) -> torch.Tensor:

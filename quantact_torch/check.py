@@ -96,7 +96,7 @@ def cases(keys: Iterable[str] | None = None, op_names: Sequence[str] = OPS, layo
 
 
 # ---------------------------------------------------------------- inputs
-def _inputs(case: Case, m: int, k: int, dtype: torch.dtype, seed: int):
+def make_inputs(case: Case, m: int, k: int, dtype: torch.dtype, seed: int = 0):
     """Seeded inputs on the CPU: x (``[m, 2k]`` for SiLU), RMSNorm weight and residual, and the key's
     scale arguments (static scales, NVFP4 global scale). Rows have log-uniform magnitudes; row 0 holds
     values near and beyond the fp8 range, row 1 (when m > 2) is all zeros."""
@@ -106,7 +106,9 @@ def _inputs(case: Case, m: int, k: int, dtype: torch.dtype, seed: int):
     x[0, :4] = [300.0, -460.0, 1000.0, 1e-3]
     if m > 2:
         x[1] = 0.0
-    t = lambda a: torch.from_numpy(np.asarray(a, np.float32)).to(dtype)
+    def t(a, dt=dtype):  # torch.empty is 64-byte aligned (torch.tensor(ndarray) need not be): zero-copy on CPU
+        return torch.empty(np.shape(a), dtype=dt).copy_(torch.from_numpy(np.asarray(a, np.float32)))
+
     xt, w, res = t(x), t(rng.uniform(0.5, 1.5, k)), t(rng.standard_normal((m, k)))
     key, kw = case.key, {}
     amax = float(xt.float().abs().max())
@@ -116,16 +118,17 @@ def _inputs(case: Case, m: int, k: int, dtype: torch.dtype, seed: int):
         if key.format in (QuantFormat.FP8, QuantFormat.INT8):
             base = 4.0 / (448.0 if key.format == QuantFormat.FP8 else 127.0)
             shape = scale_storage_shape(key.scale, m, k)
-            kw["scale"] = torch.tensor((base * rng.uniform(0.3, 3.0, shape)).astype(np.float32))
+            kw["scale"] = t(base * rng.uniform(0.3, 3.0, shape), torch.float32)
         else:  # block scales: those a dynamic quantization of other data produces, in the same layout
             dyn = QuantKey(key.dtype, ScaleDesc(key.scale.dtype, False, key.scale.group_shape, key.scale.layout),
                            key.scale2)
-            other = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+            other = t(rng.standard_normal((m, k)), torch.float32)
             kw["scale"] = ref.quantize(other, dyn, global_scale=kw.get("global_scale")).scale_storage()
     return xt, w, res, kw
 
 
-def _run(mod, op: str, key: QuantKey, x, w, res, kw):
+def run_op(mod, op: str, key: QuantKey, x, w, res, kw):
+    """``(activation, residual_out)`` of ``op`` from ``mod`` (:mod:`quantact_torch.ops` or the reference)."""
     if op == "quant":
         return mod.quantize(x, key, **kw), None
     if op == "silu":
@@ -172,12 +175,12 @@ def _within_exp_bound(got, want, key: QuantKey) -> bool:
 def run_case(case: Case, *, m: int = 37, k: int = 384, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
              device: str | torch.device = "cpu") -> Row:
     """Run ``case`` through the Pallas kernel (on ``device``) and the torch reference (on the CPU)."""
-    x, w, res, kw = _inputs(case, m, k, dtype, seed)
+    x, w, res, kw = make_inputs(case, m, k, dtype, seed)
     head = (case.op, case.label, tuple(x.shape), str(dtype).removeprefix("torch."))
-    want, want_res = _run(ref, case.op, case.key, x, w, res, kw)
+    want, want_res = run_op(ref, case.op, case.key, x, w, res, kw)
     try:
         on = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v
-        got, got_res = _run(ops, case.op, case.key, on(x), on(w), on(res), {n: on(v) for n, v in kw.items()})
+        got, got_res = run_op(ops, case.op, case.key, on(x), on(w), on(res), {n: on(v) for n, v in kw.items()})
     except Exception as e:  # noqa: BLE001 -- a failing kernel is a row of the table, not the end of the check
         return Row(*head, "-", "-", "-", f"ERROR: {type(e).__name__}: {e}"[:200])
     data = _describe(_bytes(got.data), _bytes(want.data))
@@ -234,5 +237,17 @@ def run_cli(args) -> int:
     return 0 if all(r.ok for r in rows) else 1
 
 
-__all__ = ["OPS", "Case", "Row", "cases", "format_table", "key_variants", "run_case", "run_check", "run_cli",
-           "supports"]
+__all__ = [
+    "OPS",
+    "Case",
+    "Row",
+    "cases",
+    "format_table",
+    "key_variants",
+    "make_inputs",
+    "run_case",
+    "run_check",
+    "run_cli",
+    "run_op",
+    "supports",
+]

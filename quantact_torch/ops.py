@@ -161,6 +161,14 @@ def _check_mm(key: QuantKey, x: Tensor, x_scale: Tensor | None, orig_dtype: torc
         _check_tensor(input_scale, "input_scale", x, (torch.float32,))
 
 
+def _refuse_capture(x: Tensor) -> None:
+    if x.device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "quantact ops cannot run during CUDA graph capture: the Pallas kernel is a JAX executable launched "
+            "on JAX's own stream with JAX's allocator, which a torch CUDA graph does not record. Call the op "
+            "outside the captured region (torch.compile(mode='reduce-overhead') leaves these ops out of its graphs)")
+
+
 def _runnable(x: Tensor) -> contextlib.AbstractContextManager:
     """The device context for the call; refuses devices the bridge cannot share and CUDA graph capture."""
     if x.device.type == "cpu":
@@ -170,12 +178,7 @@ def _runnable(x: Tensor) -> contextlib.AbstractContextManager:
     # torch's __dlpack__ orders the *current device's* current stream: make it the input's device
     ctx = torch.cuda.device(x.device) if x.device.index != torch.cuda.current_device() else contextlib.nullcontext()
     with ctx:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "quantact ops cannot run during CUDA graph capture: the Pallas kernel is a JAX executable "
-                "launched on JAX's own stream with JAX's allocator, which a torch CUDA graph does not record. "
-                "Call the op outside the captured region (torch.compile(mode='reduce-overhead') already "
-                "leaves these ops out of its graphs)")
+        _refuse_capture(x)
     return ctx
 
 
@@ -350,6 +353,7 @@ def _scalar(v: Any, x: Tensor) -> Tensor | None:
         return None
     if isinstance(v, Tensor):
         return v if v.dtype == torch.float32 else v.float()
+    _refuse_capture(x)  # before torch's own capture error for the host-to-device copy
     return torch.tensor([float(np.float32(v))], dtype=torch.float32, device=x.device)
 
 
@@ -363,6 +367,7 @@ def _static_storage(key: QuantKey, scale: Any, x: Tensor, k: int) -> Tensor | No
     if scale is not None and not isinstance(scale, Tensor):
         if key.format not in (QuantFormat.FP8, QuantFormat.INT8):
             raise TypeError(f"{key}: pass the static block scales as a torch tensor")
+        _refuse_capture(x)
         scale = torch.tensor(np.asarray(scale, np.float32), device=x.device)  # a torch allocation (aligned)
     storage = static_scale_storage(key, scale, math.prod(x.shape[:-1]), k)
     sdt = torch_dtype(key.scale.storage_dtype)

@@ -1,0 +1,468 @@
+"""The torch-facing ops (``quantact_torch.ops``): Pallas kernels on torch tensors through DLPack.
+
+- every key x fused op agrees bit for bit with the torch reference (``quantact_torch.check``; SiLU
+  within its documented exp rounding), on CPU (interpret mode) and, marked ``gpu``, on CUDA;
+- the mixed-framework paths (torch producer -> JAX consumer, JAX producer -> torch consumer) agree
+  with the single-framework ones and keep the key check on both sides;
+- the custom ops trace under ``torch.compile`` (fake implementations, ``opcheck``);
+- bad inputs fail before any kernel with a clear, typed error;
+- zero copies (pointer equality across the bridge), and on a GPU: stream ordering without host
+  synchronisation, CUDA graph capture refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from interop import cli
+from interop.bridge import to_jax, to_torch
+from interop.errors import BridgeError, QuantKeyMismatchError, QuantLayoutError
+from interop.keys import (
+    ALL_KEYS,
+    GroupShape,
+    InputQuantScales,
+    QuantFormat,
+    QuantKey,
+    ScaleDesc,
+    ScaleLayout,
+    kFp8Dynamic128Sym,
+    kFp8DynamicTensorSym,
+    kFp8DynamicTokenSym,
+    kFp8StaticTensorSym,
+    kNvfp4Dynamic,
+    parse_quant_key,
+)
+from interop.layers import expose_input_quant_key
+from quantact_jax import consumers as C
+from quantact_jax import producers as P
+from quantact_jax import reference as jr
+from quantact_jax.activation import as_quantized_activation as jax_check_key
+from quantact_torch import check, ops
+from quantact_torch import reference as tr
+from quantact_torch.activation import as_quantized_activation as torch_check_key
+
+CUDA = torch.cuda.is_available()
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
+M, K, N = 37, 384, 64  # odd M, K = 3 groups of 128 (not a power of two)
+#: activation keys the Pallas consumer takes (the others go through the reference consumers)
+COL128 = kFp8Dynamic128Sym.with_layout("col_major")  # keys are constants: build them outside compiled code
+PALLAS_MM_KEYS = (kFp8StaticTensorSym, kFp8DynamicTensorSym, ALL_KEYS["kFp8StaticTokenSym"], kFp8DynamicTokenSym,
+                  kFp8Dynamic128Sym)
+
+
+def raw(t) -> np.ndarray:
+    """Bytes of a torch tensor or JAX array in logical order."""
+    if isinstance(t, torch.Tensor):
+        return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return np.ascontiguousarray(np.asarray(t)).reshape(-1).view(np.uint8)
+
+
+def same_activation(a, b) -> None:
+    """Same key, shape, dtype, data bytes and scale-storage bytes (torch or JAX activations)."""
+    sa = a.scale_storage() if hasattr(a, "scale_storage") else a.scale
+    sb = b.scale_storage() if hasattr(b, "scale_storage") else b.scale
+    assert a.quant_key == b.quant_key and tuple(a.orig_shape) == tuple(b.orig_shape)
+    np.testing.assert_array_equal(raw(a.data), raw(b.data))
+    np.testing.assert_array_equal(raw(sa), raw(sb))
+
+
+def inputs(op: str, key: QuantKey, device="cpu", m=M, k=K, dtype=torch.bfloat16):
+    x, w, res, kw = check.make_inputs(check.Case(op, "t", key), m, k, dtype)
+    to = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v
+    return to(x), to(w), to(res), {n: to(v) for n, v in kw.items()}
+
+
+def fp8_weight(n: int, k: int, key: QuantKey, seed: int = 1, device="cpu"):
+    """A random fp8 weight [N, K] with the weight scale the consumer pairs with ``key``."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 8).to(torch.float8_e4m3fn)
+    shape = ((n + 127) // 128, (k + 127) // 128) if key.group_size == 128 else (1,)
+    ws = torch.rand(shape, generator=g) * 0.01 + 0.005
+    return w.to(device), ws.to(device)
+
+
+# ---------------------------------------------------------------- bit for bit vs the torch reference
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", check.cases(op_names=("quant", "rms+res", "silu")), ids=lambda c: f"{c.op}-{c.label}")
+def test_ops_match_torch_reference(case, device):
+    """Every key x op (RMSNorm with the residual: without it is the same kernel minus the add, which
+    ``quantact check`` and tests/test_producers.py cover)."""
+    row = check.run_case(case, device=device)
+    assert row.ok, row
+
+
+@pytest.mark.parametrize("case", [c for c in check.cases(op_names=("quant",), layouts=True) if "[" in c.label],
+                         ids=lambda c: c.label)
+def test_layout_variants_match_reference(case):
+    """Every other scale layout: same storage bytes, and the torch scale is vLLM's (strided) view."""
+    assert check.run_case(case).ok
+    x, _, _, kw = inputs("quant", case.key)
+    got, want = ops.quantize(x, case.key, **kw), tr.quantize(x, case.key, **kw)
+    assert got.scale.shape == want.scale.shape and got.scale.stride() == want.scale.stride()
+    got.validate()
+
+
+def test_batch_dims_and_rows_crossing_the_swizzle_tile():
+    """Leading batch dims (M = 2 x 65 = 130 rows, across the 128-row swizzle tile), fp16 and f32."""
+    for key, dtype in ((kNvfp4Dynamic, torch.float16), (kFp8Dynamic128Sym.with_layout("col_major_tma"), torch.float32)):
+        x, w, res, kw = inputs("rms+res", key, m=130, k=256, dtype=dtype)
+        x, res = x.reshape(2, 65, 256), res.reshape(2, 65, 256)
+        (got, got_r), (want, want_r) = (mod.rms_norm_quant(x, w, key, residual=res, **kw) for mod in (ops, tr))
+        same_activation(got, want)
+        assert got.data.shape == (2, 65, 128 if key.is_fp4 else 256) and got_r.shape == x.shape
+        np.testing.assert_array_equal(raw(got_r), raw(want_r))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(1, 40), groups=st.integers(1, 3), dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+       key=st.sampled_from([kFp8DynamicTokenSym, kFp8Dynamic128Sym, kFp8DynamicTensorSym]),
+       seed=st.integers(0, 2**16))
+def test_random_shapes_property(m, groups, dtype, key, seed):
+    case = check.Case("quant", "p", key)
+    assert check.run_case(case, m=m, k=128 * groups, dtype=dtype, seed=seed).ok
+
+
+# ---------------------------------------------------------------- mixed-framework paths
+def _consume_torch(qa, key, w, ws, gs):
+    """Torch consumer: the Pallas consumer through ops.scaled_mm, else the torch reference (after its key check)."""
+    if key in PALLAS_MM_KEYS:
+        return ops.scaled_mm(qa, w, ws, input_quant_key=key)
+    return tr.scaled_mm(torch_check_key(qa, key), w, ws.reshape(1), kFp8StaticTensorSym, global_scale_a=gs)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _consume_jax(qa, key, w, ws, gs):
+    """JAX consumer (jitted: the mixed and the single-framework call share one executable)."""
+    if key in PALLAS_MM_KEYS:
+        return C.scaled_mm(qa, w, ws, input_quant_key=key)
+    return jr.scaled_mm(jax_check_key(qa, key), w, ws.reshape(1), kFp8StaticTensorSym, global_scale_a=gs)
+
+
+@pytest.mark.parametrize("name", list(ALL_KEYS))
+def test_mixed_framework_paths(name):
+    """torch producer -> JAX consumer equals JAX -> JAX; JAX producer -> torch consumer equals torch -> torch;
+    the activations themselves cross bit-identical (and the torch one is the Pallas kernel's)."""
+    key = ALL_KEYS[name]
+    x, _, _, kw = inputs("quant", key)
+    gs = kw.get("global_scale")
+    w, ws = fp8_weight(N, K, key)
+    tqa = ops.quantize(x, key, **kw)  # torch producer (Pallas through DLPack)
+    jqa = P.quantize(to_jax(x), key, **{n: to_jax(v) for n, v in kw.items()})  # JAX producer
+    same_activation(to_jax(tqa), jqa)
+    same_activation(to_torch(jqa), tqa)
+    same_activation(tqa, tr.quantize(x, key, **kw))  # and both are the reference's bits
+    wj, wsj, gsj = to_jax(w), to_jax(ws), None if gs is None else to_jax(gs)
+    np.testing.assert_array_equal(raw(_consume_jax(to_jax(tqa), key, wj, wsj, gsj)),
+                                  raw(_consume_jax(jqa, key, wj, wsj, gsj)))
+    np.testing.assert_array_equal(raw(_consume_torch(to_torch(jqa), key, w, ws, gs)),
+                                  raw(_consume_torch(tqa, key, w, ws, gs)))
+
+
+def test_wrongly_routed_activation_fails_on_both_sides():
+    x = inputs("quant", kFp8DynamicTokenSym)[0]
+    w, ws = fp8_weight(N, K, kFp8DynamicTokenSym)
+    tqa = ops.quantize(x, kFp8DynamicTokenSym)
+    jqa = to_jax(tqa)
+    for wrong in (kFp8DynamicTensorSym, kFp8Dynamic128Sym, ALL_KEYS["kFp8StaticTokenSym"]):
+        with pytest.raises(QuantKeyMismatchError, match="expects"):  # torch side, before crossing
+            ops.scaled_mm(tqa, w, ws, input_quant_key=wrong)
+        with pytest.raises(QuantKeyMismatchError, match="expects"):  # JAX side, after crossing
+            C.scaled_mm(jqa, to_jax(w), to_jax(ws), input_quant_key=wrong)
+        with pytest.raises(QuantKeyMismatchError):  # JAX producer -> torch consumer
+            ops.scaled_mm(to_torch(P.quantize(to_jax(x), kFp8DynamicTokenSym)), w, ws, input_quant_key=wrong)
+    # a plain tensor is quantized in the kernel with the consumer's key: the same bits as the two-step path
+    np.testing.assert_array_equal(raw(ops.scaled_mm(x, w, ws, input_quant_key=kFp8DynamicTokenSym)),
+                                  raw(ops.scaled_mm(tqa, w, ws, input_quant_key=kFp8DynamicTokenSym)))
+
+
+def test_producer_from_layer_exposed_key_and_scales():
+    class Kernel:
+        input_quant_key = kFp8StaticTensorSym
+
+        def input_quant_scales(self, layer):
+            return InputQuantScales(input_scale=torch.tensor([0.02]))
+
+    class Layer:
+        pass
+
+    layer = Layer()
+    expose_input_quant_key(layer, Kernel())
+    x = inputs("quant", kFp8DynamicTokenSym)[0]
+    same_activation(ops.quantize(x, layer=layer), tr.quantize(x, kFp8StaticTensorSym, scale=torch.tensor([0.02])))
+    with pytest.raises(QuantLayoutError, match="layer exposes"):
+        ops.quantize(x, kFp8DynamicTokenSym, layer=layer)
+
+
+# ---------------------------------------------------------------- torch.compile, fake implementations
+class Block(torch.nn.Module):
+    """residual add + RMSNorm -> per-token fp8 -> scaled_mm -> NVFP4; SiLU-and-mul -> column-major group-128 fp8."""
+
+    def __init__(self, device="cpu"):
+        super().__init__()
+        self.norm = torch.nn.Parameter(torch.linspace(0.5, 1.5, K, dtype=torch.bfloat16, device=device),
+                                       requires_grad=False)
+        self.w, self.ws = fp8_weight(N, K, kFp8DynamicTokenSym, device=device)
+
+    def forward(self, x, res):
+        qa, res = ops.rms_norm_quant(x, self.norm, kFp8DynamicTokenSym, residual=res)
+        y = ops.scaled_mm(qa, self.w, self.ws, input_quant_key=kFp8DynamicTokenSym)
+        g = ops.silu_and_mul_quant(torch.cat([x, res], dim=-1), COL128)
+        f = ops.quantize(y, kNvfp4Dynamic, global_scale=2.0)
+        return torch.relu(y) * 2, res, qa.data, g.data, g.scale, f.data, f.scale
+
+
+def _compare_compiled(compiled, eager, *args):
+    for got, want in zip(compiled(*args), eager(*args), strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_array_equal(raw(got), raw(want))
+
+
+def test_torch_compile_aot_eager_fullgraph_dynamic_shapes():
+    block = Block()
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    for m in (5, 9):  # the second M recompiles with a symbolic M
+        x, res = (torch.randn(m, K, generator=torch.Generator().manual_seed(m + i)).bfloat16() for i in range(2))
+        _compare_compiled(compiled, block, x, res)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_inductor(device):
+    if device == "cpu" and shutil.which("g++") is None and shutil.which("clang++") is None:
+        pytest.skip("inductor's CPU backend needs a C++ compiler")
+    block = Block(device)
+    x, res = (torch.randn(5, K, generator=torch.Generator().manual_seed(i)).bfloat16().to(device) for i in range(2))
+    _compare_compiled(torch.compile(block, dynamic=False), block, x, res)
+
+
+def test_opcheck_every_op():
+    """torch.library.opcheck: schema, fake tensors, aot dispatch (static and dynamic)."""
+    x, w, res, kw = inputs("rms+res", kNvfp4Dynamic, m=5, k=256)
+    gs = kw["global_scale"].reshape(1)
+    key = str(kNvfp4Dynamic)
+    torch.library.opcheck(torch.ops.quantact.quantize.default, (x, key, None, gs, None))
+    torch.library.opcheck(torch.ops.quantact.rms_norm_quant.default, (x, w, key, 1e-6, res, None, gs, None))
+    torch.library.opcheck(torch.ops.quantact.silu_and_mul_quant.default, (torch.cat([x, res], -1), key, None, gs, None))
+    qa = ops.quantize(x, kFp8DynamicTokenSym)
+    wt, ws = fp8_weight(N, 256, kFp8DynamicTokenSym)
+    # no test_schema here: torch's schema checker multiplies the fp8 inputs, which CPU fp8 does not implement
+    torch.library.opcheck(torch.ops.quantact.scaled_mm.default,
+                          (qa.data, qa.scale_storage(), str(kFp8DynamicTokenSym), torch.bfloat16, wt, ws, None, None,
+                           None, None), test_utils=("test_autograd_registration", "test_faketensor",
+                                                    "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("case", check.cases(layouts=True), ids=lambda c: f"{c.op}-{c.label}")
+def test_fake_outputs_match_reference_layout(case):
+    """On meta tensors the ops run their fake implementations: shapes, dtypes and scale views are the
+    reference's for every key, layout and op (what torch.compile traces with)."""
+    x, w, res, kw = inputs(case.op, case.key)
+    want, want_r = check.run_op(tr, case.op, case.key, x, w, res, kw)
+    meta = lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v
+    got, got_r = check.run_op(ops, case.op, case.key, meta(x), meta(w), meta(res), {n: meta(v) for n, v in kw.items()})
+    assert got.data.device.type == "meta"
+    for a, b in ((got.data, want.data), (got.scale, want.scale)) + (((got_r, want_r),) if want_r is not None else ()):
+        assert (a.shape, a.dtype, a.stride()) == (b.shape, b.dtype, b.stride())
+    assert got.orig_dtype == want.orig_dtype and got.orig_shape == want.orig_shape
+
+
+# ---------------------------------------------------------------- bad inputs
+def _bad_calls():
+    x, w, res, _ = inputs("rms+res", kFp8DynamicTokenSym, m=4, k=256)
+    s = torch.tensor([0.02])
+    wt, ws = fp8_weight(N, 256, kFp8DynamicTokenSym)
+    qa = ops.quantize(x, kFp8DynamicTokenSym)
+    return [
+        ("non-contiguous", lambda: ops.quantize(x.t().contiguous().t(), kFp8DynamicTokenSym), BridgeError, "contiguous"),
+        ("strided slice", lambda: ops.quantize(x[:, ::2], kFp8DynamicTokenSym), BridgeError, "contiguous"),
+        ("weight on another device", lambda: ops.rms_norm_quant(x, w.to("meta"), kFp8DynamicTokenSym), BridgeError,
+         "is on meta"),
+        ("int input", lambda: ops.quantize(x.to(torch.int32), kFp8DynamicTokenSym), QuantLayoutError, "dtype"),
+        ("f64 input", lambda: ops.quantize(x.double(), kFp8DynamicTokenSym), QuantLayoutError, "dtype"),
+        ("weight shape", lambda: ops.rms_norm_quant(x, w[:128], kFp8DynamicTokenSym), QuantLayoutError, "shape"),
+        ("residual dtype", lambda: ops.rms_norm_quant(x, w, kFp8DynamicTokenSym, residual=res.float()),
+         QuantLayoutError, "residual"),
+        ("key is a string", lambda: ops.quantize(x, str(kFp8DynamicTokenSym)), TypeError, "QuantKey"),
+        ("no key", lambda: ops.quantize(x), TypeError, "QuantKey"),
+        ("K not a multiple of the group", lambda: ops.quantize(x[:, :192].contiguous(), kFp8Dynamic128Sym),
+         QuantLayoutError, "multiple"),
+        ("odd SiLU width", lambda: ops.silu_and_mul_quant(x[:, :255].contiguous(), kFp8DynamicTokenSym),
+         QuantLayoutError, "even"),
+        ("static key without scale", lambda: ops.quantize(x, kFp8StaticTensorSym), QuantLayoutError, "static"),
+        ("static scale shape", lambda: ops.quantize(x, ALL_KEYS["kFp8StaticTokenSym"], scale=s), QuantLayoutError,
+         "shape"),
+        ("scale for a dynamic key", lambda: ops.quantize(x, kFp8DynamicTokenSym, scale=s), QuantLayoutError,
+         "dynamic"),
+        ("NVFP4 without global scale", lambda: ops.quantize(x, kNvfp4Dynamic), QuantLayoutError, "global_scale"),
+        ("global scale for fp8", lambda: ops.quantize(x, kFp8DynamicTokenSym, global_scale=1.0), QuantLayoutError,
+         "global_scale"),
+        ("key the producers lack", lambda: ops.quantize(x, QuantKey("int8", ScaleDesc("float32", False, (1, 128)))),
+         QuantLayoutError, "per-token"),
+        ("weight not fp8", lambda: ops.scaled_mm(qa, wt.float(), ws, input_quant_key=kFp8DynamicTokenSym),
+         QuantLayoutError, "float8_e4m3fn"),
+        ("K mismatch", lambda: ops.scaled_mm(qa, wt[:, :128].contiguous(), ws, input_quant_key=kFp8DynamicTokenSym),
+         QuantLayoutError, "does not match"),
+        ("consumer key the kernel lacks", lambda: ops.scaled_mm(x, wt, ws, input_quant_key=ALL_KEYS["kFp8Dynamic64Sym"]),
+         QuantLayoutError, "consumer"),
+        ("raw op with a bad key string", lambda: torch.ops.quantact.quantize(x, "kFp8Nope", None, None, None),
+         ValueError, "not a QuantKey"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(21))
+def test_bad_inputs_raise_clear_errors(i):
+    _, call, err, match = _bad_calls()[i]
+    with pytest.raises(err, match=match):
+        call()
+
+
+# ---------------------------------------------------------------- the key string through the op schema
+LAYOUTS = {
+    1: [ScaleLayout.ROW_MAJOR],
+    64: [ScaleLayout.ROW_MAJOR, ScaleLayout.COL_MAJOR, ScaleLayout.COL_MAJOR_TMA, ScaleLayout.PACKED_UE8M0],
+}
+
+
+@st.composite
+def keys(draw):
+    fmt = draw(st.sampled_from(list(QuantFormat)))
+    static, sym = draw(st.booleans()), draw(st.booleans())
+    if fmt in (QuantFormat.NVFP4, QuantFormat.MXFP8, QuantFormat.MXFP4):
+        g = 16 if fmt == QuantFormat.NVFP4 else 32
+        sdt = "float8_e4m3fn" if fmt == QuantFormat.NVFP4 else "float8_e8m0fnu"
+        lay = draw(st.sampled_from([ScaleLayout.SWIZZLED_128x4, ScaleLayout.ROW_MAJOR]))
+        scale = ScaleDesc(sdt, static, (1, g), lay)
+        dtype = "uint8" if fmt != QuantFormat.MXFP8 else "float8_e4m3fn"
+        s2 = ScaleDesc("float32", True, (-1, -1)) if fmt == QuantFormat.NVFP4 else None
+        return QuantKey(dtype, scale, s2, sym)
+    gs = draw(st.sampled_from([(-1, -1), (1, -1), (-1, 1), (1, 64), (1, 128), (128, 128)]))
+    per_group = GroupShape(*gs).is_per_group()
+    lay = draw(st.sampled_from(LAYOUTS[64] if per_group else LAYOUTS[1]))
+    ue8m0 = draw(st.booleans()) if per_group else False
+    dtype = "int8" if fmt == QuantFormat.INT8 else "float8_e4m3fn"
+    return QuantKey(dtype, ScaleDesc("float32", static, gs, lay, ue8m0), None, sym)
+
+
+@settings(max_examples=200, deadline=None)
+@given(keys())
+def test_parse_quant_key_round_trip(key):
+    assert parse_quant_key(str(key)) == key
+
+
+def test_parse_quant_key_names_and_errors():
+    assert all(parse_quant_key(n) is k for n, k in ALL_KEYS.items())
+    for text in ("", "kFp8", str(kFp8Dynamic128Sym)[:-1], str(kFp8Dynamic128Sym).replace("128))", "128),row_major)")):
+        with pytest.raises(ValueError):
+            parse_quant_key(text)
+
+
+# ---------------------------------------------------------------- zero copies
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_copy_pointer_equality(device, monkeypatch):
+    """Every tensor crossing into the kernel and every output crossing back keeps its buffer pointer,
+    and the activation's data/scale are the kernel's output buffers."""
+    crossings = []
+
+    def rec(fn, src_ptr, dst_ptr):
+        def wrapped(v, **kw):
+            out = fn(v, **kw)
+            crossings.append((src_ptr(v), dst_ptr(out), tuple(v.shape)))
+            return out
+        return wrapped
+
+    jptr = lambda a: a.unsafe_buffer_pointer()
+    tptr = lambda t: t.data_ptr()
+    monkeypatch.setattr(ops, "to_jax", rec(to_jax, tptr, jptr))
+    monkeypatch.setattr(ops, "to_torch", rec(to_torch, jptr, tptr))
+    x, w, res, kw = inputs("rms+res", kNvfp4Dynamic, device=device)
+    qa, r = ops.rms_norm_quant(x, w, kNvfp4Dynamic, residual=res, **kw)
+    assert len(crossings) == 4 + 3  # x, weight, residual, global scale in; data, scale, residual out
+    assert all(a == b for a, b, _ in crossings), crossings
+    outs = [c[1] for c in crossings[-3:]]
+    assert [qa.data.data_ptr(), qa.scale.data_ptr(), r.data_ptr()] == outs
+    y = ops.scaled_mm(ops.quantize(x, kFp8DynamicTokenSym), *fp8_weight(N, K, kFp8DynamicTokenSym, device=device),
+                      input_quant_key=kFp8DynamicTokenSym)
+    assert y.data_ptr() == crossings[-1][1] and all(a == b for a, b, _ in crossings)
+
+
+def test_cli_check(capsys, monkeypatch):
+    assert cli.main(["check", "--keys", "kFp8DynamicTokenSym,kNvfp4Dynamic", "--ops", "quant,rms+res"]) == 0
+    out = capsys.readouterr().out
+    assert "4 cases: 4 bit-exact" in out and "kNvfp4Dynamic" in out and "rms+res" in out
+    bad = check.Row("quant", "kFp8DynamicTokenSym", (M, K), "bfloat16", "3/9 bytes", "=", "-", "MISMATCH")
+    monkeypatch.setattr(check, "run_case", lambda *a, **k: bad)
+    assert cli.main(["check", "--keys", "kFp8DynamicTokenSym", "--ops", "quant"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- GPU only: streams, CUDA graphs
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_streams_ordered_without_host_sync():
+    """On a side stream made current: a torch kernel writes the input after a long spin, the op runs,
+    a torch kernel consumes the output -- no synchronize in between. JAX must wait for the write
+    (else it reads stale input) and torch must wait for JAX (else the clone reads an unwritten
+    buffer). Each result is compared with a synchronised rerun of the same op."""
+    key = kFp8DynamicTokenSym
+    shape = (8192, 4096)  # big enough that the kernel takes a while, so a missing wait shows
+    srcs = [torch.randn(shape, device="cuda", generator=torch.Generator("cuda").manual_seed(i)).bfloat16()
+            for i in range(4)]
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    results = []
+    with torch.cuda.stream(side):
+        for src in srcs:
+            x = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
+            torch.cuda._sleep(50_000_000)  # keep the side stream busy (tens of ms)
+            x.copy_(src)
+            qa = ops.quantize(x, key)
+            results.append((x, qa.data.view(torch.uint8).clone(), qa.scale.clone()))
+    torch.cuda.synchronize()
+    for x, data, scale in results:
+        want = ops.quantize(x, key)
+        torch.cuda.synchronize()
+        assert torch.equal(data, want.data.view(torch.uint8)) and torch.equal(scale, want.scale)
+        same_activation(want, tr.quantize(x.cpu(), key))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_graph_capture_is_refused():
+    x = torch.randn(16, K, device="cuda").bfloat16()
+    ops.quantize(x, kFp8DynamicTokenSym)  # compiled outside the capture
+    torch.cuda.synchronize()
+    err = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        try:
+            ops.quantize(x, kFp8DynamicTokenSym)
+        except RuntimeError as e:
+            err = e
+    assert err is not None and "CUDA graph capture" in str(err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_torch_compile_reduce_overhead_leaves_ops_out_of_cuda_graphs():
+    block = Block("cuda")
+    compiled = torch.compile(block, mode="reduce-overhead")
+    x, res = (torch.randn(8, K, device="cuda").bfloat16() for _ in range(2))
+    for _ in range(3):  # warm-up runs, then the (would-be) graph replay
+        _compare_compiled(compiled, block, x, res)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_jax_runs_on_the_tensors_gpu():
+    x = torch.randn(4, K, device=f"cuda:{torch.cuda.device_count() - 1}").bfloat16()
+    qa = ops.quantize(x, kFp8DynamicTokenSym)
+    assert qa.data.device == x.device and qa.scale.device == x.device
+    assert to_jax(qa.data).devices() == {jax.devices("gpu")[torch.cuda.device_count() - 1]}
