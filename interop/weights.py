@@ -126,6 +126,14 @@ def select_entries(state_dict: Mapping[str, Any], prefix: str = "") -> dict[str,
     return out
 
 
+def check_names(entries: Mapping[str, Any], what: str = "") -> None:
+    """``QuantLayoutError`` for entries a quantized linear layer does not have."""
+    unknown = sorted(set(entries) - set(ENTRIES))
+    if unknown:
+        raise QuantLayoutError(f"unexpected state-dict entries {[what + u for u in unknown]}: a quantized linear "
+                               f"layer has {', '.join(ENTRIES)}")
+
+
 def _meta(value: Any) -> tuple[tuple[int, ...], str]:
     try:
         return tuple(int(s) for s in value.shape), canonical_dtype(value.dtype)
@@ -142,11 +150,8 @@ def plan_linear(entries: Mapping[str, Any], *, input_quant_key: QuantKey | None 
     per-tensor -> ``kFp8DynamicTensorSym``; 128x128 blocks -> ``kFp8Dynamic128Sym``; NVFP4 ->
     ``kNvfp4Dynamic``). ``what`` prefixes entry names in error messages (the state-dict prefix).
     """
+    check_names(entries, what)
     meta = {name: _meta(v) for name, v in entries.items()}
-    unknown = sorted(set(meta) - set(ENTRIES))
-    if unknown:
-        raise QuantLayoutError(f"unexpected state-dict entries {[what + u for u in unknown]}: a quantized linear "
-                               f"layer has {', '.join(ENTRIES)}")
     for need in ("weight", "weight_scale"):
         if need not in meta:
             raise QuantLayoutError(f"{what}{need} is missing")
@@ -234,6 +239,7 @@ __all__ = [
     "WEIGHT_PER_CHANNEL",
     "WEIGHT_PER_TENSOR",
     "LinearPlan",
+    "check_names",
     "fp8_weight_key",
     "plan_linear",
     "select_entries",

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -135,9 +136,11 @@ def to_jax_array(value: Any) -> jax.Array:
     ``jnp.asarray``."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
-        from interop.bridge import to_jax
+        from interop.bridge import BridgeCopyWarning, to_jax
 
-        return to_jax(value.detach().contiguous())
+        with warnings.catch_warnings():  # loading may copy (an unaligned CPU buffer): nothing to warn about
+            warnings.simplefilter("ignore", BridgeCopyWarning)
+            return to_jax(value.detach().contiguous())
     return jnp.asarray(value)
 
 

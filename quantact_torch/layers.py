@@ -32,6 +32,7 @@ from interop.weights import (
     ENTRIES,
     WEIGHT_PER_CHANNEL,
     WEIGHT_PER_TENSOR,
+    check_names,
     plan_linear,
     select_entries,
 )
@@ -81,12 +82,13 @@ class QuantLinear(torch.nn.Module):
     """``y = x @ dequant(weight).T (+ bias)`` with a quantized weight ``[N, K]`` (``[N, K/2]`` uint8
     for NVFP4). All tensors are buffers with vLLM's names, so ``state_dict()`` is a vLLM-style dict.
 
-    ``input_quant_key`` (default: inferred from the weights as vLLM does, see
+    ``weight`` and ``weight_scale`` are required (a missing one is reported like any other state-dict
+    error). ``input_quant_key`` (default: inferred from the weights as vLLM does, see
     :func:`interop.weights.plan_linear`) is the key plain inputs are quantized with and, unless
     ``accepts_quantized=False``, the key the layer exposes to producers.
     """
 
-    def __init__(self, weight: Any, weight_scale: Any, *, bias: Any = None, input_scale: Any = None,
+    def __init__(self, weight: Any = None, weight_scale: Any = None, *, bias: Any = None, input_scale: Any = None,
                  weight_global_scale: Any = None, input_global_scale: Any = None,
                  input_quant_key: QuantKey | None = None, accepts_quantized: bool = True, what: str = ""):
         super().__init__()
@@ -110,7 +112,9 @@ class QuantLinear(torch.nn.Module):
         """Load ``{prefix}weight`` (or ``weight_packed``), ``weight_scale``, ``input_scale``, ``bias``,
         ``weight_global_scale``, ``input_global_scale`` from torch tensors, NumPy or JAX arrays;
         ``QuantLayoutError`` naming the entry on a wrong shape or dtype."""
-        return cls(**select_entries(state_dict, prefix), input_quant_key=input_quant_key,
+        entries = select_entries(state_dict, prefix)
+        check_names(entries, prefix)
+        return cls(**entries, input_quant_key=input_quant_key,
                    accepts_quantized=accepts_quantized, what=prefix)
 
     @property
