@@ -12,7 +12,15 @@ vLLM (NUMERICS.md):
   ``out[m, n] = sum_kb scale_a[m, kb] * scale_b[n // 128, kb] * dot_kb`` in the main loop
   (``block_k`` is 128 so each step is one scale block).
 
-NVFP4/MXFP8 operands, a Mosaic GPU (wgmma) kernel and a small-M decode path are not built yet.
+Backends (``backend=``): ``"mosaic"`` is the Hopper kernel in :mod:`quantact_jax.mosaic_gemm`
+(TMA + warp-specialised wgmma, per-tensor / per-token x per-channel scales; the fast path on an
+H100; its fp8 accumulation is the tensor core's, like cuBLASLt's ``use_fast_accum=True``); ``"triton"`` is the kernel below, which takes every supported key, runs in interpret
+mode on CPU, and with ``split_k > 1`` is the small-M decode path: K is cut into ``split_k``
+slices whose f32 partial sums are added (in a fixed order) before the same epilogue.
+``"auto"`` (default) picks Mosaic on a Hopper GPU for M > 64 when the problem fits it,
+split-K Triton for decode-sized M, Triton otherwise.
+
+NVFP4/MXFP8 operands are not built yet.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from interop.errors import QuantLayoutError
 from interop.keys import (GroupShape, QuantFormat, QuantKey, ScaleLayout, kFp8Static128BlockSym,
                           kFp8StaticTensorSym, kFp8StaticTokenSym)
 from interop.layout import cdiv
-from quantact_jax import producers
+from quantact_jax import mosaic_gemm, producers
 from quantact_jax.activation import QuantizedActivation, as_quantized_activation
 
 F32 = jnp.float32
@@ -53,19 +61,35 @@ class MatmulConfig:
     block_k: int = 128
     num_warps: int = 8
     num_stages: int = 3
+    split_k: int = 1  # > 1: K slices summed after the kernel (the decode path)
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+        if self.split_k < 1:
+            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+
+
+#: Decode (M <= 64) configs from an H100 sweep (bench/results/, N = K = 8192): narrow M tiles,
+#: and K split so that enough programs stream the weight at once.
+DECODE_CONFIGS = {16: MatmulConfig(16, 64, 256, 4, 4, split_k=4), 32: MatmulConfig(32, 64, 256, 4, 4, split_k=4),
+                  64: MatmulConfig(64, 64, 256, 4, 4, split_k=4)}
 
 
 def heuristic_config(m: int, n: int, k: int, block_scaled: bool) -> MatmulConfig:
-    """Narrow M tiles for decode-sized M; 128x128x128 otherwise (K step 128 for block scales)."""
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    return MatmulConfig(block_m=bm, block_n=128 if m > 64 else 64, block_k=128,
-                        num_warps=8 if bm >= 128 else 4, num_stages=4 if bm >= 128 else 5)
+    """Triton config: the decode table for M <= 64 (K step 128 for block scales, one scale
+    block per step), 128x128x128 otherwise. Split-K only when the output tiles alone leave
+    most SMs idle."""
+    if m > 64:
+        return MatmulConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4)
+    cfg = DECODE_CONFIGS[16 if m <= 16 else 32 if m <= 32 else 64]
+    if block_scaled:
+        cfg = dataclasses.replace(cfg, block_k=128)
+    tiles = cdiv(n, cfg.block_n)
+    split = max(1, min(cfg.split_k, 264 // max(tiles, 1), cdiv(k, cfg.block_k)))
+    return dataclasses.replace(cfg, split_k=split)
 
 
 def weight_key_for(weight_scale: jax.Array, n: int, k: int, prefer_block: bool = False) -> QuantKey:
@@ -112,7 +136,16 @@ def _kernel(a_ref, b_ref, sa_ref, sb_ref, *rest, m: int, n: int, k: int, a_mode:
             part = sa[:, None] * (sb[None, :] * part)
         return acc + part
 
-    acc = jax.lax.fori_loop(0, cdiv(k, bk), body, jnp.zeros((bm, bn), F32))
+    steps = cdiv(k, bk)
+    if cfg.split_k == 1:
+        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), F32))
+    else:  # this program's K slice; partial sums go out unscaled (block scales are in `part`)
+        per = cdiv(steps, cfg.split_k)
+        s0 = pl.program_id(2) * per
+        acc = jax.lax.fori_loop(s0, jnp.minimum(s0 + per, steps), body, jnp.zeros((bm, bn), F32))
+        plgpu.store(o_ref.at[pl.program_id(2), pl.ds(m0, bm), pl.ds(n0, bn)], acc,
+                    mask=(rm < m)[:, None] & (rn < n)[None, :])
+        return
     if not block:
         if a_mode == "tensor":
             sa = plgpu.load(sa_ref.at[pl.ds(0, 1)]).reshape(1, 1)
@@ -143,9 +176,25 @@ def _input_mode(key: QuantKey) -> str:
                            "fp8 activations")
 
 
+def _epilogue(acc: jax.Array, sa: jax.Array, sb: jax.Array, bias: jax.Array | None, a_mode: str, b_mode: str,
+              out_dtype) -> jax.Array:
+    """The split-K epilogue in XLA: the same ``sa * (sb * acc) (+ bias)`` as the kernel's."""
+    if a_mode != "group128":
+        acc = sa.reshape(-1, 1)[: acc.shape[0]] * (sb.reshape(1, -1) * acc)
+    if bias is not None:
+        acc = acc + bias.astype(F32)[None, :]
+    return acc.astype(out_dtype)
+
+
+def _is_hopper() -> bool:
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
+
+
 def scaled_mm(x: QuantizedActivation | jax.Array, weight: jax.Array, weight_scale: jax.Array, *,
               bias: jax.Array | None = None, out_dtype=None, input_quant_key: QuantKey,
-              input_scale: Any = None, weight_key: QuantKey | None = None, config: MatmulConfig | None = None,
+              input_scale: Any = None, weight_key: QuantKey | None = None,
+              config: MatmulConfig | mosaic_gemm.MosaicConfig | None = None, backend: str = "auto",
               interpret: bool | None = None) -> jax.Array:
     """``x @ dequant(weight).T`` with vLLM's scaled-GEMM semantics.
 
@@ -153,8 +202,10 @@ def scaled_mm(x: QuantizedActivation | jax.Array, weight: jax.Array, weight_scal
     ``QuantKeyMismatchError``, nothing is re-quantized) or a plain float array, which is then
     quantized with ``input_quant_key`` by the Pallas producer (``input_scale`` for static keys).
     ``weight``: ``[N, K]`` float8_e4m3fn; ``weight_scale``: ``(1,)``, ``(N, 1)`` or
-    ``(cdiv(N,128), cdiv(K,128))`` (inferred by :func:`weight_key_for` unless ``weight_key`` is given). Output ``[*orig_shape[:-1], N]``
-    in ``out_dtype`` (default: the activation's ``orig_dtype``).
+    ``(cdiv(N,128), cdiv(K,128))`` (inferred by :func:`weight_key_for` unless ``weight_key`` is
+    given). Output ``[*orig_shape[:-1], N]`` in ``out_dtype`` (default: the activation's
+    ``orig_dtype``). ``backend``: ``"auto"``, ``"mosaic"`` or ``"triton"`` (module docstring);
+    ``config`` a :class:`MatmulConfig` (Triton) or :class:`mosaic_gemm.MosaicConfig`.
     """
     qa = as_quantized_activation(x, input_quant_key)
     if qa is None:
@@ -176,26 +227,48 @@ def scaled_mm(x: QuantizedActivation | jax.Array, weight: jax.Array, weight_scal
                                f"{tuple(jnp.shape(weight_scale))}")
     if bias is not None and tuple(jnp.shape(bias)) != (n,):
         raise QuantLayoutError(f"bias must have shape ({n},), got {tuple(jnp.shape(bias))}")
+    if backend not in ("auto", "mosaic", "triton"):
+        raise ValueError(f"backend must be 'auto', 'mosaic' or 'triton', got {backend!r}")
     interpret = producers._default_interpret() if interpret is None else interpret
     m = int(np.prod(qa.orig_shape[:-1], dtype=np.int64))
-    cfg = config or heuristic_config(m, n, k, a_mode == "group128")
-    if a_mode == "group128" and cfg.block_k != 128:
-        raise ValueError("block-scaled GEMM needs block_k == 128 (one scale block per K step)")
     out_dtype = jnp.dtype(qa.orig_dtype if out_dtype is None else out_dtype)
     a2 = qa.data.reshape(m, k)
     sa = jnp.asarray(qa.scale, F32).reshape(-1)
     sb = jnp.asarray(weight_scale, F32).reshape(-1)
-    inputs = [a2, weight, sa, sb] + ([jnp.asarray(bias)] if bias is not None else [])
+    bias = None if bias is None else jnp.asarray(bias)
+
+    mosaic_cfg = config if isinstance(config, mosaic_gemm.MosaicConfig) else None
+    if backend == "auto":
+        backend = ("mosaic" if not interpret and m > 64 and a_mode != "group128" and _is_hopper() and config is None
+                   and mosaic_gemm.supports(m, n, k, out_dtype) else "triton")
+    if backend == "mosaic":
+        if a_mode == "group128":
+            raise QuantLayoutError("the Mosaic GEMM does not take block-scaled operands yet; use backend='triton'")
+        out = mosaic_gemm.scaled_mm(a2, weight, sa, sb, bias, out_dtype, mosaic_cfg)
+        return out.reshape(*qa.orig_shape[:-1], n)
+    if isinstance(config, mosaic_gemm.MosaicConfig):
+        raise TypeError("a MosaicConfig needs backend='mosaic'")
+
+    cfg = config or heuristic_config(m, n, k, a_mode == "group128")
+    if a_mode == "group128" and cfg.block_k != 128:
+        raise ValueError("block-scaled GEMM needs block_k == 128 (one scale block per K step)")
+    split = cfg.split_k
+    inputs = [a2, weight, sa, sb] + ([bias] if bias is not None and split == 1 else [])
     out = pl.pallas_call(
-        functools.partial(_kernel, m=m, n=n, k=k, a_mode=a_mode, b_mode=b_mode, has_bias=bias is not None,
-                          cfg=cfg),
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(cdiv(m, cfg.block_m), cdiv(n, cfg.block_n)),
+        functools.partial(_kernel, m=m, n=n, k=k, a_mode=a_mode, b_mode=b_mode,
+                          has_bias=bias is not None and split == 1, cfg=cfg),
+        out_shape=jax.ShapeDtypeStruct((split, m, n) if split > 1 else (m, n), F32 if split > 1 else out_dtype),
+        grid=(cdiv(m, cfg.block_m), cdiv(n, cfg.block_n)) + ((split,) if split > 1 else ()),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret, name="quantact_scaled_mm",
     )(*inputs)
+    if split > 1:
+        acc = out[0]
+        for i in range(1, split):  # a fixed summation order: the result does not depend on XLA's reduce
+            acc = acc + out[i]
+        out = _epilogue(acc, sa, sb, bias, a_mode, b_mode, out_dtype)
     return out.reshape(*qa.orig_shape[:-1], n)
 
 
-__all__ = ["MatmulConfig", "heuristic_config", "scaled_mm", "weight_key_for", "WEIGHT_PER_TENSOR",
-           "WEIGHT_PER_CHANNEL", "WEIGHT_BLOCK_128"]
+__all__ = ["DECODE_CONFIGS", "WEIGHT_BLOCK_128", "WEIGHT_PER_CHANNEL", "WEIGHT_PER_TENSOR", "MatmulConfig",
+           "heuristic_config", "scaled_mm", "weight_key_for"]

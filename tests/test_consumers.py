@@ -44,17 +44,23 @@ CASES = [(kFp8DynamicTokenSym, "channel"), (kFp8DynamicTokenSym, "tensor"), (kFp
          (kFp8DynamicTensorSym, "channel"), (kFp8Dynamic128Sym, "block")]
 
 
-@pytest.mark.parametrize("out_dtype", [None, jnp.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("akey,wmode", CASES, ids=[f"{a.scale.group_shape}-{w}" for a, w in CASES])
-@pytest.mark.parametrize("m,n,k", [(5, 70, 256), (130, 200, 384), (1, 64, 128)], ids=str)
-def test_scaled_mm_matches_references(m, n, k, akey, wmode, bias, out_dtype):
-    rng = np.random.default_rng(m * 1000 + n + k)
-    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-    wq, ws, wk = _weight(rng, n, k, wmode)
-    b = jnp.asarray(rng.standard_normal(n), jnp.float32) if bias else None
-    qa = P.quantize(x, akey)
-    got = np.asarray(C.scaled_mm(qa, wq, ws, bias=b, out_dtype=out_dtype, input_quant_key=akey), np.float32)
+def _check(got, qa, wq, ws, wk, b, out_dtype, fast_accum: bool = False):
+    """``got`` against the jnp and the torch reference consumers (module docstring's tolerance).
+
+    ``fast_accum``: the kernel accumulates in the Hopper tensor core's fp8 accumulator over the
+    whole K (the Mosaic GEMM; cuBLASLt's ``use_fast_accum=True``), which keeps about 14 mantissa
+    bits (DeepSeek-V3 report, section 3.3.2). Each of the K/32 wgmma accumulation steps then
+    loses at most 2^-13 of the running magnitude, bounded by sum_k |a_k b_k|: the elementwise
+    bound gets (K/32) * 2^-13 * |a|.|b| on top of the output ulp. The issue's norm-wise 1e-3 holds
+    either way.
+    """
+    got = np.asarray(got, np.float32)
+    slack = 0.0
+    if fast_accum:
+        k = qa.orig_shape[-1]
+        a_abs = np.abs(np.asarray(qa.data, np.float32).reshape(-1, k)) * np.asarray(qa.scale, np.float32).reshape(-1, 1)
+        b_abs = np.abs(np.asarray(wq, np.float32)) * np.asarray(ws, np.float32).reshape(-1, 1)
+        slack = (k / 32) * 2.0 ** -13 * (a_abs @ b_abs.T)
     with jax.default_device(CPU):
         qa_cpu = jax.device_put(qa, CPU)
         want = np.asarray(R.scaled_mm(qa_cpu, jnp.asarray(wq), jnp.asarray(ws), wk, bias=b, out_dtype=out_dtype),
@@ -62,15 +68,69 @@ def test_scaled_mm_matches_references(m, n, k, akey, wmode, bias, out_dtype):
         tqa = to_torch(qa_cpu)
     twant = TR.scaled_mm(tqa, torch.from_dlpack(np.ascontiguousarray(np.asarray(wq).view(np.uint8))).view(
         torch.float8_e4m3fn), torch.from_numpy(ws), wk, bias=None if b is None else torch.from_numpy(np.asarray(b)),
-        out_dtype=None if out_dtype is None else torch.float16).float().numpy()
+        out_dtype={None: None, jnp.float16: torch.float16, jnp.float32: torch.float32}[out_dtype]).float().numpy()
     scale = np.abs(want).max()
-    ulp = 2.0 ** -(7 if out_dtype is None else 10)  # relative spacing of bf16 / fp16
+    ulp = 2.0 ** -{None: 7, jnp.float16: 10, jnp.float32: 23}[out_dtype]  # relative spacing of bf16 / fp16 / f32
+    # fast accumulation moves the f32 sums by ~2^-14 relative, which flips the rounding of a few
+    # percent of bf16/fp16 outputs by one ulp: the norm-wise error of the rounded outputs then
+    # reaches ~1.1e-3; the 1e-3 bound is checked on the f32 outputs (out_dtype=float32).
+    norm_tol = 2e-3 if fast_accum and np.dtype(out_dtype or jnp.bfloat16).itemsize == 2 else 1e-3
     for ref in (want, twant):
         # one output ulp: the f32 sums agree to a few f32 ulps, so the rounded outputs to one step
-        assert (np.abs(got - ref) <= np.maximum(np.abs(ref), np.abs(got)) * ulp + 1e-5 * scale).all()
-        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3
-        assert (got == ref).mean() > 0.9
-    assert got.shape == (m, n)
+        assert (np.abs(got - ref) <= np.maximum(np.abs(ref), np.abs(got)) * ulp + 1e-5 * scale + slack).all()
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < norm_tol
+        assert (got == ref).mean() > (0.5 if fast_accum else 0.9) or out_dtype == jnp.float32
+    assert got.shape == want.shape
+
+
+def _problem(m, n, k, akey, wmode, bias):
+    rng = np.random.default_rng(m * 1000 + n + k)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    wq, ws, wk = _weight(rng, n, k, wmode)
+    b = jnp.asarray(rng.standard_normal(n), jnp.float32) if bias else None
+    return P.quantize(x, akey), wq, ws, wk, b
+
+
+@pytest.mark.parametrize("out_dtype", [None, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("akey,wmode", CASES, ids=[f"{a.scale.group_shape}-{w}" for a, w in CASES])
+@pytest.mark.parametrize("m,n,k", [(5, 70, 256), (130, 200, 384), (1, 64, 128)], ids=str)
+def test_scaled_mm_matches_references(m, n, k, akey, wmode, bias, out_dtype):
+    qa, wq, ws, wk, b = _problem(m, n, k, akey, wmode, bias)
+    _check(C.scaled_mm(qa, wq, ws, bias=b, out_dtype=out_dtype, input_quant_key=akey), qa, wq, ws, wk, b, out_dtype)
+
+
+@pytest.mark.parametrize("split", [2, 3, 4])
+@pytest.mark.parametrize("akey,wmode", [CASES[0], CASES[2], CASES[4]], ids=["token", "tensor", "block"])
+def test_split_k_decode_path(akey, wmode, split):
+    # 5 K steps of 128 over 2-4 slices: uneven slices, and with split 4 an empty last slice
+    qa, wq, ws, wk, b = _problem(5, 70, 640, akey, wmode, True)
+    cfg = C.MatmulConfig(16, 64, 128, num_warps=4, num_stages=3, split_k=split)
+    _check(C.scaled_mm(qa, wq, ws, bias=b, input_quant_key=akey, config=cfg, backend="triton"), qa, wq, ws, wk, b,
+           None)
+
+
+def test_decode_heuristic_splits_k_and_autoselects_triton():
+    cfg = C.heuristic_config(16, 8192, 8192, False)
+    assert cfg.split_k > 1 and cfg.block_m == 16
+    assert C.heuristic_config(4096, 4096, 4096, False).split_k == 1
+
+
+HOPPER = jax.default_backend() == "gpu" and C._is_hopper()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Mosaic GEMM needs a Hopper GPU")
+@pytest.mark.parametrize("out_dtype", [None, jnp.float16, jnp.float32], ids=["bf16", "f16", "f32"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("akey,wmode", CASES[:4], ids=[f"{a.scale.group_shape}-{w}" for a, w in CASES[:4]])
+@pytest.mark.parametrize("m,n,k", [(304, 640, 384), (300, 512, 320), (256, 512, 256), (1031, 1536, 1024)], ids=str)
+def test_mosaic_matches_references(m, n, k, akey, wmode, bias, out_dtype):
+    # tiles 128 x 256 x 128: partial M and N tiles, K=320 takes the K-step-64 config, M=300/1031 the row padding
+    qa, wq, ws, wk, b = _problem(m, n, k, akey, wmode, bias)
+    assert C.mosaic_gemm.supports(m, n, k, jnp.bfloat16)
+    got = C.scaled_mm(qa, wq, ws, bias=b, out_dtype=out_dtype, input_quant_key=akey, backend="mosaic")
+    _check(got, qa, wq, ws, wk, b, out_dtype, fast_accum=True)
 
 
 def test_plain_array_is_quantized_with_the_key_and_matches_prequantized():

@@ -20,6 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 from interop.bridge import to_jax  # noqa: E402
 from interop.keys import kFp8Dynamic128Sym, kFp8DynamicTensorSym, kFp8DynamicTokenSym  # noqa: E402
 from quantact_jax import consumers as C  # noqa: E402
+from quantact_jax import mosaic_gemm as MG  # noqa: E402
 from quantact_jax import producers as P  # noqa: E402
 from quantact_jax.bench.producers import time_jax, time_torch  # noqa: E402
 
@@ -57,6 +58,11 @@ def main() -> int:
             t = time_jax(f, (qa, wj, ws), iters=20)
             row[f"quantact_{name}_us"] = t * 1e6
             row[f"quantact_{name}_tflops"] = flops / t / 1e12
+        if m >= 4096:  # the Triton kernel alone, for the record
+            qa = P.quantize(x, kFp8DynamicTokenSym)
+            f = jax.jit(lambda qa, w, s: C.scaled_mm(qa, w, s, input_quant_key=kFp8DynamicTokenSym, backend="triton"))
+            t = time_jax(f, (qa, wj, swj), iters=10)
+            row["quantact_triton_token_x_channel_tflops"] = flops / t / 1e12
         if k % 128 == 0 and n % 128 == 0:
             qa = P.quantize(x, kFp8Dynamic128Sym)
             sb = jnp.ones((n // 128, k // 128), jnp.float32) * 0.01
@@ -71,6 +77,11 @@ def main() -> int:
             "cublas_rowwise": lambda: torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw.t(), out_dtype=torch.bfloat16),
             "cublas_tensorwise": lambda: torch._scaled_mm(x8, w8.t(), scale_a=sx.max(), scale_b=sw.max(),
                                                           out_dtype=torch.bfloat16),
+            # the Mosaic kernel accumulates like use_fast_accum=True (docs/numerics.md): both are peers
+            "cublas_rowwise_fast": lambda: torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw.t(),
+                                                            out_dtype=torch.bfloat16, use_fast_accum=True),
+            "cublas_tensorwise_fast": lambda: torch._scaled_mm(x8, w8.t(), scale_a=sx.max(), scale_b=sw.max(),
+                                                               out_dtype=torch.bfloat16, use_fast_accum=True),
             "cublas_bf16": lambda: xt @ wt.to(torch.bfloat16).t(),
         }
         if k % 128 == 0 and n % 128 == 0:
@@ -92,29 +103,38 @@ def main() -> int:
         t = time_jax(xla, (xq.data, xq.scale, wj, swj), iters=20)
         row["xla_fp8_dot_us"] = t * 1e6
         row["xla_fp8_dot_tflops"] = flops / t / 1e12
-        if args.configs and m >= 4096:
+        if args.configs:
+            if m >= 4096:
+                cfgs = [MG.MosaicConfig(), MG.MosaicConfig(grid_tile_width=4), MG.MosaicConfig(grid_tile_width=16),
+                        MG.MosaicConfig(grid_minor_n=True), MG.MosaicConfig(stages=4, epi_tile_n=32),
+                        MG.MosaicConfig(tile_k=64, stages=6)]
+            else:
+                cfgs = [C.MatmulConfig(16 if m <= 16 else m, bn, bk, 4, st, split_k=sk)
+                        for bn in (64, 128) for bk in (128, 256) for sk in (1, 2, 4, 8) for st in (3, 5)]
             sweep = {}
-            for cfg in (C.MatmulConfig(128, 128, 128, 8, 3), C.MatmulConfig(128, 256, 128, 8, 3),
-                        C.MatmulConfig(256, 128, 128, 8, 3), C.MatmulConfig(128, 128, 64, 4, 4),
-                        C.MatmulConfig(128, 256, 64, 8, 4)):
-                qa = P.quantize(x, kFp8DynamicTokenSym)
-                f = jax.jit(lambda qa, w, s, cfg=cfg: C.scaled_mm(qa, w, s, input_quant_key=kFp8DynamicTokenSym,
-                                                                   config=cfg))
+            qa = P.quantize(x, kFp8DynamicTokenSym)
+            for cfg in cfgs:
+                f = jax.jit(lambda qa, w, s, cfg=cfg: C.scaled_mm(
+                    qa, w, s, input_quant_key=kFp8DynamicTokenSym, config=cfg,
+                    backend="mosaic" if isinstance(cfg, MG.MosaicConfig) else "triton"))
                 try:
-                    sweep[str(dataclasses.astuple(cfg))] = flops / time_jax(f, (qa, wj, swj), iters=10, reps=3) / 1e12
+                    sweep[str(dataclasses.astuple(cfg))] = time_jax(f, (qa, wj, swj), iters=10, reps=3) * 1e6
                 except Exception as e:
-                    sweep[str(dataclasses.astuple(cfg))] = f"error {type(e).__name__}"
-            row["config_sweep_tflops"] = sweep
+                    sweep[str(dataclasses.astuple(cfg))] = f"error {type(e).__name__}: {str(e)[:80]}"
+            best = min((v, c) for c, v in sweep.items() if isinstance(v, float))
+            print(f"  sweep {m}x{n}x{k}: best {best[1]} {best[0]:.1f} us", flush=True)
+            row["config_sweep_us"] = sweep
         res["cases"].append(row)
         print(json.dumps(row), flush=True)
-    print(f"{'M x N x K':>20s} {'ours tok':>9s} {'ours tens':>9s} {'ours blk':>9s} {'cuBLAS row':>10s} {'tens':>6s} "
-          f"{'blk':>6s} {'XLA fp8':>7s} {'bf16':>6s}  (TFLOP/s)")
-    for r in res["cases"]:
-        g = lambda k: r.get(k, float("nan"))  # noqa: E731
-        print(f"{'x'.join(map(str, r['shape'])):>20s} {g('quantact_token_x_channel_tflops'):9.0f} "
-              f"{g('quantact_tensor_x_tensor_tflops'):9.0f} {g('quantact_block128_tflops'):9.0f} "
-              f"{g('cublas_rowwise_tflops'):10.0f} {g('cublas_tensorwise_tflops'):6.0f} {g('cublas_block128_tflops'):6.0f} "
-              f"{g('xla_fp8_dot_tflops'):7.0f} {g('cublas_bf16_tflops'):6.0f}")
+    cols = [("ours tok", "quantact_token_x_channel"), ("ours tens", "quantact_tensor_x_tensor"),
+            ("ours blk", "quantact_block128"), ("cuBLAS row", "cublas_rowwise"), ("tens", "cublas_tensorwise"),
+            ("blk", "cublas_block128"), ("row fast", "cublas_rowwise_fast"),
+            ("tens fast", "cublas_tensorwise_fast"), ("XLA fp8", "xla_fp8_dot"), ("bf16", "cublas_bf16")]
+    for unit, pick in (("TFLOP/s", lambda r: r["shape"][0] > 64), ("us", lambda r: r["shape"][0] <= 64)):
+        print(f"{'M x N x K':>20s} " + " ".join(f"{c:>10s}" for c, _ in cols) + f"  ({unit})")
+        for r in filter(pick, res["cases"]):
+            vals = [r.get(f"{key}_{'tflops' if unit == 'TFLOP/s' else 'us'}", float("nan")) for _, key in cols]
+            print(f"{'x'.join(map(str, r['shape'])):>20s} " + " ".join(f"{v:10.1f}" for v in vals))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

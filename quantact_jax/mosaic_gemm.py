@@ -1,0 +1,207 @@
+"""Mosaic GPU (Hopper) fp8 scaled GEMM: ``out = sa[m] * (sb[n] * (A @ B.T)) (+ bias[n])``.
+
+The kernel the consumer dispatches to on an H100 for per-tensor and per-token x per-channel
+scales. It follows JAX's ``hopper_matmul_mgpu.py`` (a persistent grid of one CTA per SM, a
+TMA pipeline fed by a memory warpgroup, two compute warpgroups issuing wgmma), changed where
+our contract differs:
+
+- B is the ``[N, K]`` weight (K-major, as ``torch.nn.Linear.weight``): its SMEM tile is
+  ``[tile_n, tile_k]`` and wgmma reads it transposed, the only fp8 operand order Hopper has;
+- the f32 epilogue applies the scales in vLLM's order ``sa * (sb * acc)``, then the bias,
+  then rounds once to the output dtype; per-tensor scales arrive as broadcast vectors;
+- M, N and K need not be multiples of the tiles: TMA zero-fills out-of-bounds loads and
+  clips out-of-bounds stores; the scale and bias vectors are padded to whole tiles.
+
+Outputs: bf16, fp16 or f32. Accumulation: the tensor core's fp8 accumulator over the whole
+K, like cuBLASLt's ``use_fast_accum=True`` (it keeps about 14 mantissa bits; docs/numerics.md).
+
+Requirements: Mosaic tiles the GMEM side of every TMA descriptor like the SMEM side, so
+``K % tile_k == 0`` and ``N % epi_tile_n == 0`` (LLM shapes are multiples of 128); M only
+is padded (to a multiple of 8, at least one tile) when needed, which costs a copy of the
+activation and the output. :func:`supports` says whether a problem fits; the consumer
+falls back to the Triton kernel otherwise. No interpret mode (the Mosaic interpreter does not run fp8
+transposed wgmma), so the CPU tests cover the Triton kernel and the GPU run covers this one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from interop.layout import cdiv
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """CTA tile ``tile_m x 2*tile_n`` (two compute warpgroups side by side along N), K step,
+    pipeline depth, epilogue sub-tile and the L2-friendly tile order (``grid_tile_width``
+    output tiles along the minor grid dimension before moving on)."""
+
+    tile_m: int = 128
+    tile_n: int = 128
+    tile_k: int = 128
+    stages: int = 3
+    epi_tile_m: int = 64
+    epi_tile_n: int = 64
+    grid_minor_n: bool = False
+    grid_tile_width: int = 8
+
+    def smem_bytes(self, out_itemsize: int = 2) -> int:
+        per_stage = (self.tile_m + 2 * self.tile_n) * self.tile_k
+        vectors = 2 * (self.tile_m + 2 * self.tile_n) * 4  # sa, sb, bias per warpgroup, f32
+        return self.stages * per_stage + 2 * 2 * self.epi_tile_m * self.epi_tile_n * out_itemsize + vectors
+
+
+SMEM_LIMIT = 232448 - 1024  # bytes of dynamic shared memory per CTA on the H100, less barriers
+
+
+def heuristic_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16) -> MosaicConfig:
+    """The H100 sweep's best (bench/results/): 128x256 CTA tiles, K step 128 (64 when K is
+    not a multiple of 128), 3 stages, M-minor tile order in bands of 8. Decode-sized M (<= 64):
+    one 64-row tile, narrow N tiles so that every SM streams its own slice of the weight, and a
+    deep pipeline to keep enough bytes in flight."""
+    tk = 128 if k % 128 == 0 else 64
+    if m <= 64:
+        return MosaicConfig(tile_m=64, tile_n=32, tile_k=tk, stages=8 * 128 // tk, epi_tile_m=64, epi_tile_n=32)
+    # an f32 output's epilogue tiles are 32 wide: the same 128-byte swizzled rows
+    return MosaicConfig(tile_k=tk, stages=3 if tk == 128 else 6, epi_tile_n=128 // jnp.dtype(out_dtype).itemsize)
+
+
+def supports(m: int, n: int, k: int, out_dtype, cfg: MosaicConfig | None = None) -> bool:
+    """True when the Mosaic kernel can run this problem (TMA tiling, M at least one tile)."""
+    cfg = cfg or heuristic_config(m, n, k, out_dtype)
+    size = jnp.dtype(out_dtype).itemsize
+    return (k % cfg.tile_k == 0 and n % cfg.epi_tile_n == 0 and n >= 2 * cfg.tile_n and size in (2, 4)
+            and cfg.epi_tile_n * size <= 128 and cfg.smem_bytes(size) <= SMEM_LIMIT)
+
+
+def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: MosaicConfig):
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    m, k = a_gmem.shape
+    n = b_gmem.shape[0]
+    out_dtype = out_gmem.dtype
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    cta_n = 2 * tn
+    swizzle = plgpu.find_swizzle(tk * 8)  # fp8: one byte per element
+    transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
+    m_iters, n_iters, k_iters = cdiv(m, tm), cdiv(n, cta_n), cdiv(k, tk)
+    em, en = cfg.epi_tile_m, cfg.epi_tile_n
+    out_swizzle = plgpu.find_swizzle(en * jnp.dtype(out_dtype).itemsize * 8)
+    out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
+                      plgpu.SwizzleTransform(out_swizzle))
+    n_slots = min(2, (tm * tn) // (em * en))
+
+    def pipeline(body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(k_iters,), memory_registers=40,
+            in_specs=[plgpu.BlockSpec((tm, tk), lambda ki: (0, ki), transforms=transforms, memory_space=plgpu.SMEM),
+                      plgpu.BlockSpec((cta_n, tk), lambda ki: (0, ki), transforms=transforms,
+                                      memory_space=plgpu.SMEM)],
+            wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=cfg.stages, compute_context=compute_context)
+
+    ignore = lambda *_, **__: None  # allocations do not depend on the bodies
+
+    nv = 3 if bias_gmem is not None else 2  # scale vectors staged per warpgroup: sa, sb (, bias)
+
+    @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
+                       out_smem=plgpu.SMEM((2, n_slots, em, en), out_dtype, transforms=out_transforms),
+                       sa_smem=plgpu.SMEM((2, tm), F32), sb_smem=plgpu.SMEM((2, nv - 1, tn), F32),
+                       bars=plgpu.Barrier(num_barriers=2 * nv), collective_axes="wg")
+    def _scope(allocs, out_smem, sa_smem, sb_smem, bars):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+        def _tiles(info):
+            (lin,) = info.index
+            mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1 if cfg.grid_minor_n else 0,
+                                        cfg.grid_tile_width)
+            m_sl = pl.ds(mi * tm, tm)
+            n0 = ni * cta_n + wg * tn  # this warpgroup's first output column
+
+            def compute_context(run):
+                # The epilogue's vectors travel by TMA into SMEM while the main loop runs (GMEM
+                # loads into the wgmma register layout are not supported).
+                vecs = [(sa_gmem.at[m_sl], sa_smem.at[wg]), (sb_gmem.at[pl.ds(n0, tn)], sb_smem.at[wg, 0])]
+                if bias_gmem is not None:
+                    vecs.append((bias_gmem.at[pl.ds(n0, tn)], sb_smem.at[wg, 1]))
+                for j, (src, dst) in enumerate(vecs):
+                    plgpu.copy_gmem_to_smem(src, dst, bars.at[wg * nv + j])
+
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), F32))
+                def _acc(acc_ref):
+                    run(acc_ref)
+                    acc = acc_ref[...]
+                    for j in range(nv):
+                        plgpu.barrier_wait(bars.at[wg * nv + j])
+                    row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+                    sa = lax.broadcast_in_dim(plgpu.load(sa_smem.at[wg], (), layout=row), (tm, tn), [0])
+                    sb = lax.broadcast_in_dim(plgpu.load(sb_smem.at[wg, 0], (), layout=col), (tm, tn), [1])
+                    out = sa * (sb * acc)
+                    if bias_gmem is not None:
+                        out = out + lax.broadcast_in_dim(plgpu.load(sb_smem.at[wg, 1], (), layout=col), (tm, tn), [1])
+                    out = out.astype(out_dtype)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    for ei in range(tm // em):
+                        for ej in range(tn // en):
+                            slot = (ei * (tn // en) + ej) % n_slots
+                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                            out_smem[wg, slot] = out[ei * em:(ei + 1) * em, ej * en:(ej + 1) * en]
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(
+                                out_smem.at[wg, slot],
+                                out_gmem.at[pl.ds(mi * tm + ei * em, em), pl.ds(n0 + ej * en, en)])
+
+            def mma(_, a_smem, b_smem, acc_ref):
+                plgpu.wgmma(acc_ref, a_smem, b_smem.at[pl.ds(wg * tn, tn)].T)
+                plgpu.wgmma_wait(0)
+                return acc_ref
+
+            pipeline(mma, compute_context)(a_gmem.at[m_sl, :], b_gmem.at[pl.ds(ni * cta_n, cta_n), :],
+                                           allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _pad(v: jax.Array, size: int) -> jax.Array:
+    return jnp.pad(v, (0, size - v.shape[0])) if v.shape[0] < size else v
+
+
+def scaled_mm(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array, bias: jax.Array | None, out_dtype,
+              cfg: MosaicConfig | None = None) -> jax.Array:
+    """``a [M, K] fp8``, ``b [N, K] fp8``, ``sa [M] or [1]``, ``sb [N] or [1]`` f32, ``bias [N]``
+    or None -> ``[M, N]`` in ``out_dtype``. Call :func:`supports` first."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    m, k = a.shape
+    n = b.shape[0]
+    cfg = cfg or heuristic_config(m, n, k, out_dtype)
+    if not supports(m, n, k, out_dtype, cfg):
+        raise ValueError(f"the Mosaic GEMM does not take M={m} N={n} K={k} out {jnp.dtype(out_dtype)} with {cfg}")
+    rows = max(cfg.tile_m, cdiv(m, 8) * 8)  # TMA tiles rows by 8; at least one whole M tile
+    if rows != m:
+        a = jnp.pad(a, ((0, rows - m), (0, 0)))
+    mp, np_ = cdiv(m, cfg.tile_m) * cfg.tile_m, cdiv(n, 2 * cfg.tile_n) * 2 * cfg.tile_n
+    sa = _pad(jnp.broadcast_to(sa.astype(F32).reshape(-1), (m,)), mp)
+    sb = _pad(jnp.broadcast_to(sb.astype(F32).reshape(-1), (n,)), np_)
+    args = [a, b, sa, sb] + ([_pad(bias.astype(F32), np_)] if bias is not None else [])
+    num_sms = jax.devices()[0].core_count if hasattr(jax.devices()[0], "core_count") else 132
+
+    def body(a_gmem, b_gmem, sa_gmem, sb_gmem, *rest):
+        bias_gmem = rest[0] if bias is not None else None
+        _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, rest[-1], cfg=cfg)
+
+    f = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((a.shape[0], n), out_dtype), grid=(num_sms,), grid_names=("sm",),
+                     num_threads=3, thread_name="wg",
+                     compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    return f(*args)[:m]
+
+
+__all__ = ["MosaicConfig", "heuristic_config", "scaled_mm", "supports"]
