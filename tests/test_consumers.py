@@ -79,7 +79,8 @@ def _check(got, qa, wq, ws, wk, b, out_dtype, fast_accum: bool = False):
         # one output ulp: the f32 sums agree to a few f32 ulps, so the rounded outputs to one step
         assert (np.abs(got - ref) <= np.maximum(np.abs(ref), np.abs(got)) * ulp + 1e-5 * scale + slack).all()
         assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < norm_tol
-        assert (got == ref).mean() > (0.5 if fast_accum else 0.9) or out_dtype == jnp.float32
+        if not fast_accum:  # with fast accumulation, fp16's finer ulp flips up to ~half the outputs
+            assert (got == ref).mean() > 0.9
     assert got.shape == want.shape
 
 
