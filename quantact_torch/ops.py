@@ -245,6 +245,16 @@ def _produce(op: str, key: str, x: Tensor, weight: Tensor | None, residual: Tens
         return list(_call(fn, x, weight, residual, scale, global_scale, scale_ub))
 
 
+def _consume(x: Tensor, x_scale: Tensor | None, key: str, orig_dtype: torch.dtype | None, weight: Tensor,
+             weight_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype | None, input_scale: Tensor | None,
+             weight_key: str | None) -> Tensor:
+    _check_mm(parse_quant_key(key), x, x_scale, orig_dtype, weight, weight_scale, bias, input_scale)
+    with _runnable(x):
+        fn = _consumer_fn(key, weight_key, None if orig_dtype is None else canonical_dtype(orig_dtype),
+                          None if out_dtype is None else canonical_dtype(out_dtype), x.device.type == "cpu")
+        return _call(fn, x, x_scale, weight, weight_scale, bias, input_scale)[0]
+
+
 def _produce_fake(op: str, key: str, x: Tensor, weight: Tensor | None, residual: Tensor | None,
                   scale: Tensor | None, global_scale: Tensor | None, scale_ub: Tensor | None) -> list[Tensor]:
     qkey = parse_quant_key(key)
@@ -302,12 +312,7 @@ def _scaled_mm_op(x: Tensor, x_scale: Tensor | None, key: str, orig_dtype: torch
                   input_scale: Tensor | None, weight_key: str | None) -> Tensor:
     """Pallas scaled GEMM. ``x_scale`` given: ``x`` is the activation's data and ``x_scale`` its scale
     storage (``orig_dtype`` required); else ``x`` is a float input the kernel quantizes with ``key``."""
-    qkey = parse_quant_key(key)
-    _check_mm(qkey, x, x_scale, orig_dtype, weight, weight_scale, bias, input_scale)
-    with _runnable(x):
-        fn = _consumer_fn(key, weight_key, None if orig_dtype is None else canonical_dtype(orig_dtype),
-                          None if out_dtype is None else canonical_dtype(out_dtype), x.device.type == "cpu")
-        return _call(fn, x, x_scale, weight, weight_scale, bias, input_scale)[0]
+    return _consume(x, x_scale, key, orig_dtype, weight, weight_scale, bias, out_dtype, input_scale, weight_key)
 
 
 @_scaled_mm_op.register_fake

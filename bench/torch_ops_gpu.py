@@ -1,0 +1,251 @@
+#!/usr/bin/env python
+"""Host overhead per call of the torch ops (``quantact_torch.ops``) against the same JAX op called from JAX.
+
+On a CUDA device, for small host-bound shapes (default 16 x 4096 bf16), times per call:
+
+- ``jax``: the very executable the torch op runs (``ops._producer_fn`` / ``ops._consumer_fn``, a cached
+  ``jax.jit`` of the public ``quantact_jax`` op) called on JAX arrays;
+- ``torch_op``: the public torch wrapper (``ops.quantize`` ...: key resolution, checks, custom-op dispatch,
+  DLPack in and out, assembling the ``QuantizedActivation``);
+- ``custom_op``: ``torch.ops.quantact.*`` called directly (no wrapper);
+- ``impl``: the custom op's Python kernel without the dispatcher (checks + DLPack + the jitted call);
+- ``batch``: back-to-back calls ended by one synchronisation (per call; the device time when device-bound);
+
+plus the pieces: one ``to_jax`` / ``to_torch`` per tensor and the raw ``jax.dlpack.from_dlpack`` /
+``torch.from_dlpack`` (and, through private jaxlib calls, where the import time goes). Calls are
+not synchronised between iterations (each call's host time is measured alone; the kernels are far shorter
+than the host work at these shapes); the statistic is the median over ``--calls`` calls. ``overhead_us`` is
+``torch_op - jax``; the target is ``torch_op`` overhead <= 50 us per call. Each torch result is also
+checked against the JAX result bit for bit.
+
+Writes JSON to ``--out``. Without a CUDA device (torch and JAX both needed) it prints a message and exits 0.
+From the repository root::
+
+    XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python bench/torch_ops_gpu.py --out gpu_out/torch_ops_gpu.json
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before jax: share the GPU with torch
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TARGET_US = 50.0
+
+
+def _times_us(fn, calls: int, warmup: int = 100) -> dict:
+    """Median (and p10/p90) host time of one call, in microseconds, over ``calls`` calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    samples.sort()
+    return {"median": statistics.median(samples), "p10": samples[len(samples) // 10],
+            "p90": samples[len(samples) * 9 // 10]}
+
+
+def _batch_us(fn, sync, calls: int) -> float:
+    """Wall time per call of ``calls`` back-to-back calls ended by one ``sync``: the throughput view,
+    which is the device time when the device, not the host, is the bottleneck."""
+    sync(fn())
+    t0 = time.perf_counter()
+    for _ in range(calls - 1):
+        fn()
+    sync(fn())
+    return (time.perf_counter() - t0) * 1e6 / calls
+
+
+def _cases(m: int, k: int, n: int, device: str):
+    """(name, torch call, custom-op call, impl call, jax call, torch result -> bytes, jax result -> bytes)."""
+    import torch
+
+    from interop.bridge import to_jax
+    from interop.keys import kFp8Dynamic128Sym, kFp8DynamicTokenSym
+    from quantact_torch import ops
+
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(m, k, device=device, generator=g).bfloat16()
+    x2 = torch.randn(m, 2 * k, device=device, generator=g).bfloat16()
+    res = torch.randn(m, k, device=device, generator=g).bfloat16()
+    w = (1 + 0.1 * torch.randn(k, device=device, generator=g)).bfloat16()
+    wt = (torch.randn(n, k, device=device, generator=g) * 8).to(torch.float8_e4m3fn)
+    ws = torch.full((1,), 0.01, device=device)
+    interp = device == "cpu"
+    tok, g128 = kFp8DynamicTokenSym, kFp8Dynamic128Sym
+    stok, sg128 = str(tok), str(g128)
+    xj, x2j, resj, wj, wtj, wsj = (to_jax(t) for t in (x, x2, res, w, wt, ws))
+    qa = ops.quantize(x, tok)
+    qd, qs = qa.data, qa.scale_storage()
+    qdj, qsj = to_jax(qd), to_jax(qs)
+    quant = ops._producer_fn("quant", stok, 0.0, interp)
+    rms = ops._producer_fn("rms", stok, 1e-6, interp)
+    silu = ops._producer_fn("silu", sg128, 0.0, interp)
+    mm = ops._consumer_fn(stok, None, "bfloat16", None, interp)
+    bf16 = torch.bfloat16
+    data = lambda out: out.data
+    return [
+        (f"quantize {m}x{k} per-token fp8",
+         lambda: ops.quantize(x, tok), lambda: ops._quantize_op(x, stok, None, None, None),
+         lambda: ops._produce("quant", stok, x, None, None, None, None, None, 0.0),
+         lambda: quant(xj, None, None, None, None, None), data, lambda out: out[0]),
+        (f"rms_norm_quant+residual {m}x{k} per-token fp8",
+         lambda: ops.rms_norm_quant(x, w, tok, residual=res),
+         lambda: ops._rms_norm_quant_op(x, w, stok, 1e-6, res, None, None, None),
+         lambda: ops._produce("rms", stok, x, w, res, None, None, None, 1e-6),
+         lambda: rms(xj, wj, resj, None, None, None), lambda out: out[0].data, lambda out: out[0]),
+        (f"silu_and_mul_quant {m}x{2 * k} group-128 fp8",
+         lambda: ops.silu_and_mul_quant(x2, g128), lambda: ops._silu_and_mul_quant_op(x2, sg128, None, None, None),
+         lambda: ops._produce("silu", sg128, x2, None, None, None, None, None, 0.0),
+         lambda: silu(x2j, None, None, None, None, None), data, lambda out: out[0]),
+        (f"scaled_mm {m}x{k} @ {n}x{k} per-token x per-tensor fp8",
+         lambda: ops.scaled_mm(qa, wt, ws, input_quant_key=tok),
+         lambda: ops._scaled_mm_op(qd, qs, stok, bf16, wt, ws, None, None, None, None),
+         lambda: ops._consume(qd, qs, stok, bf16, wt, ws, None, None, None, None),
+         lambda: mm(qdj, qsj, wtj, wsj, None, None), lambda out: out, lambda out: out),
+    ]
+
+
+def _bytes(t) -> bytes:
+    import numpy as np
+    import torch
+
+    if isinstance(t, torch.Tensor):
+        return t.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes()
+    return np.asarray(t).tobytes()
+
+
+def _bridge_pieces(calls: int, device: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from interop.bridge import to_jax, to_torch
+
+    t = torch.randn(16, 4096, device=device).bfloat16()
+    a = jax.device_put(jnp.ones((16, 4096), jnp.bfloat16), jax.devices("cpu" if device == "cpu" else "gpu")[0])
+    a.block_until_ready()
+    out = {
+        "to_jax_tensor_us": _times_us(lambda: to_jax(t, copy=False), calls)["median"],
+        "raw_jax_from_dlpack_us": _times_us(lambda: jax.dlpack.from_dlpack(t), calls)["median"],
+        "to_torch_array_us": _times_us(lambda: to_torch(a, copy=False), calls)["median"],
+        "raw_torch_from_dlpack_us": _times_us(lambda: torch.from_dlpack(a), calls)["median"],
+    }
+    if device == "cpu":
+        return out
+    # where the import time goes (private jaxlib API: measured here only to guide the next optimisation)
+    try:
+        from jax._src.lib import _jax
+
+        dev = jax.devices("gpu")[t.device.index]
+        stream = dev.get_stream_for_external_ready_events()
+        out["stream_query_us"] = _times_us(lambda: dev.get_stream_for_external_ready_events(), calls)["median"]
+        out["torch_dlpack_export_with_stream_us"] = _times_us(lambda: t.__dlpack__(stream=stream), calls)["median"]
+        out["jaxlib_buffer_from_capsule_us"] = _times_us(
+            lambda: _jax.dlpack_managed_tensor_to_buffer(t.__dlpack__(stream=stream), dev, stream, None, 2),
+            calls)["median"] - out["torch_dlpack_export_with_stream_us"]
+    except Exception as e:  # noqa: BLE001 -- the private API differs between jaxlib versions
+        out["breakdown_error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None, help="path of the JSON report")
+    ap.add_argument("--m", type=int, default=16, help="tokens (default 16: host-bound)")
+    ap.add_argument("--k", type=int, default=4096, help="hidden size (default 4096)")
+    ap.add_argument("--n", type=int, default=1024, help="scaled_mm output features (default 1024)")
+    ap.add_argument("--calls", type=int, default=2000, help="timed calls per measurement (default 2000)")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu only smoke-tests this script (interpret-mode kernels: the numbers mean nothing)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    reason = None
+    if args.device == "cpu":
+        pass
+    elif not torch.cuda.is_available():
+        reason = "torch sees no CUDA device"
+    else:
+        import jax
+
+        try:
+            jax.devices("gpu")
+        except RuntimeError as e:
+            reason = f"jax has no GPU backend ({e})"
+    if reason:
+        print(f"torch_ops_gpu: {reason}; nothing to measure (run this on a GPU host)")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"skipped": reason}, f, indent=1)
+        return 0
+
+    import jax
+
+    report: dict = {
+        "env": {"python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
+                "cuda": torch.version.cuda,
+                "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (smoke test)"},
+        "calls": args.calls, "target_us": TARGET_US, "ops": {},
+    }
+    rc = 0
+    cases = _cases(args.m, args.k, args.n, args.device)
+    sync_torch = torch.cuda.synchronize if args.device == "cuda" else lambda: None
+    for name, t_op, c_op, impl, j_op, t_bytes, j_bytes in cases:
+        try:
+            same = _bytes(t_bytes(t_op())) == _bytes(j_bytes(j_op()))
+            row = {
+                "jax_us": _times_us(j_op, args.calls),
+                "torch_op_us": _times_us(t_op, args.calls),
+                "custom_op_us": _times_us(c_op, args.calls),
+                "impl_us": _times_us(impl, args.calls),
+                "batch_us": {"jax": _batch_us(j_op, jax.block_until_ready, args.calls),
+                             "torch_op": _batch_us(t_op, lambda _: sync_torch(), args.calls)},
+                "bit_identical_to_jax": same,
+            }
+            row["overhead_us"] = row["torch_op_us"]["median"] - row["jax_us"]["median"]
+            row["meets_target"] = row["overhead_us"] <= TARGET_US
+            rc |= not same
+        except Exception as e:  # noqa: BLE001 -- record the failure, measure the rest
+            row = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            rc = 1
+        report["ops"][name] = row
+    try:
+        report["bridge"] = _bridge_pieces(args.calls, args.device)
+    except Exception as e:  # noqa: BLE001
+        report["bridge"] = {"error": f"{type(e).__name__}: {e}"}
+
+    print(f"quantact_torch.ops host time per call on {report['env']['device']} (jax {jax.__version__}, "
+          f"torch {torch.__version__}; median of {args.calls} calls, us)")
+    print(f"{'op':<50} {'jax':>7} {'torch op':>9} {'custom op':>10} {'impl':>7} {'overhead':>9} {'batch':>7}  ok")
+    for name, r in report["ops"].items():
+        if "error" in r:
+            print(f"{name:<50} ERROR {r['error']}")
+            continue
+        print(f"{name:<50} {r['jax_us']['median']:7.1f} {r['torch_op_us']['median']:9.1f} "
+              f"{r['custom_op_us']['median']:10.1f} {r['impl_us']['median']:7.1f} {r['overhead_us']:9.1f} "
+              f"{r['batch_us']['torch_op']:7.1f}  {'bits=' if r['bit_identical_to_jax'] else 'BITS DIFFER'}"
+              f"{'' if r['meets_target'] else f' (> {TARGET_US:.0f} us target)'}")
+    print("bridge pieces (us):", json.dumps({k: round(v, 2) if isinstance(v, float) else v
+                                              for k, v in report["bridge"].items()}))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
