@@ -38,10 +38,132 @@ def _keys(_: argparse.Namespace) -> int:
           "kFp8StaticTensorSym / kFp8DynamicTensorSym (per-tensor), kFp8DynamicTokenSym / kFp8StaticTokenSym "
           "(per-token) with per-tensor or per-channel weight scales, and kFp8Dynamic128Sym (row-major) with "
           "128x128 weight blocks. NVFP4/MX consumers: reference only (quantact_jax.reference.scaled_mm).")
+    print("\nQuantLinear (quantact_jax.layers / quantact_torch.layers) loads vLLM / compressed-tensors state dicts and "
+          "exposes its input key: fp8 weights [N, K] with per-tensor (1,), per-channel (N, 1) or 128x128-block "
+          "weight_scale take per-tensor (static with input_scale, or dynamic), dynamic per-token or 1x128-group "
+          "activations (JAX backends: pallas, xla, reference; torch: reference, torch._scaled_mm on CUDA); NVFP4 "
+          "weights uint8 [N, K/2] with e4m3 [N, K/16] scales and global scales take kNvfp4Dynamic activations "
+          "(reference GEMM only, both frameworks).")
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """The MLP block demo, then the producer demo (``--part`` picks one)."""
+    rc = _demo_block(args) if args.part in ("all", "block") else 0
+    if args.part in ("all", "producers"):
+        print()
+        rc |= _demo_producers(args)
+    return rc
+
+
+def _time_ms(fn, reps: int) -> float:
+    """Median wall time (ms) of ``fn()`` after one warm-up call (JAX or torch results, synchronised)."""
+    import statistics
+
+    import jax
+    import torch
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    once()
+    return statistics.median(once() for _ in range(reps))
+
+
+def _demo_block(args: argparse.Namespace) -> int:
+    """Build the decoder MLP block on seeded weights for several keys; run the fused JAX block, the
+    unfused JAX block (on the layers' own GEMM and on XLA's fp8 dot) and the PyTorch reference block;
+    print an equivalence table (against the fused block, with the expected bound) and a timing table."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from interop.bridge import to_torch
+    from interop.keys import ALL_KEYS
+    from quantact_jax import mlp as M
+    from quantact_torch.mlp import MLPBlock as TorchBlock
+
+    on_gpu = jax.default_backend() == "gpu"
+    hidden = args.hidden or (4096 if on_gpu else 256)
+    inter = args.intermediate or (14336 if on_gpu else 384)
+    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else ([16, 4096] if on_gpu else [16])
+    names = args.keys.split(",") if args.keys else ["kFp8DynamicTokenSym", "kFp8StaticTensorSym",
+                                                    "kFp8Dynamic128Sym", "kNvfp4Dynamic"]
+    supported = ("kFp8DynamicTokenSym", "kFp8DynamicTensorSym", "kFp8StaticTensorSym", "kFp8Dynamic128Sym",
+                 "kNvfp4Dynamic")
+    if set(names) - set(supported):
+        print(f"--keys: the block takes {', '.join(supported)}; got {args.keys}", file=sys.stderr)
+        return 2
+    keys = {n: ALL_KEYS[n] for n in names}
+    if hidden % 128 or inter % 128:
+        del keys["kFp8Dynamic128Sym"]  # 1x128 groups need multiples of 128
+    if hidden % 16 or inter % 16:
+        del keys["kNvfp4Dynamic"]
+    tdev = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+    reps = 20 if on_gpu else 3
+    print(f"quantact demo: decoder MLP block (residual add + RMSNorm -> quant -> gate/up [{2 * inter}, {hidden}] -> "
+          f"SiLU-and-mul -> quant -> down [{hidden}, {inter}]), bf16, seed {args.seed}, on "
+          f"{jax.devices()[0].device_kind} ({'compiled Pallas-Triton' if on_gpu else 'Pallas interpret mode: no GPU found'})")
+    fused = jax.jit(M.mlp)
+    unfused = jax.jit(M.mlp_unfused, static_argnames=("gemm",))
+
+    def variants(block, tblock, x, r) -> dict:
+        xt, rt = to_torch(x).to(tdev), to_torch(r).to(tdev)
+        runs = {"fused JAX": lambda: fused(block, x, r)[0], "unfused JAX": lambda: unfused(block, x, r)[0]}
+        if M.is_fp8_block(block):
+            runs["unfused JAX, XLA fp8 dot"] = lambda: unfused(block, x, r, gemm="xla")[0]
+        runs["PyTorch reference"] = lambda: tblock(xt, rt)[0]
+        return runs
+
+    eq_rows, t_rows, ok = [], [], True
+    for name, key in keys.items():
+        block = M.make_block(hidden, inter, key=key, seed=args.seed)
+        tblock = TorchBlock.from_state_dict(block.state_dict(), input_quant_key=key).to(tdev)
+        label = name + (" (jnp GEMM)" if key.is_fp4 else "")
+        for m in tokens:
+            rng = np.random.default_rng(args.seed + m)
+            x, r = (jnp.asarray(rng.standard_normal((m, hidden), dtype=np.float32), jnp.bfloat16) for _ in range(2))
+            runs = variants(block, tblock, x, r)
+            outs = {k: np.asarray(jnp.asarray(fn(), jnp.float32)) if k != "PyTorch reference" else
+                    fn().float().cpu().numpy() for k, fn in runs.items()}
+            t_rows.append((label, m, {k: _time_ms(fn, reps) for k, fn in runs.items()}))
+            ref = outs["fused JAX"]
+            for k, out in outs.items():
+                if k == "fused JAX":
+                    continue
+                # expected distance to the fused block: the plain path's rounding (dynamic keys; 0 for static
+                # keys on CPU, where every op rounds alike) plus, where the GEMM differs, its f32 sum order
+                bound = {"unfused JAX": M.unfused_rtol(key) + (M.SUM_ORDER_RTOL if on_gpu else 0.0),
+                         "unfused JAX, XLA fp8 dot": M.unfused_rtol(key) + M.SUM_ORDER_RTOL}.get(k, M.SUM_ORDER_RTOL)
+                rel = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+                exact = bool((out == ref).all())
+                passed = exact if bound == 0 else rel < bound
+                ok &= passed
+                eq_rows.append((label, m, k, float(np.abs(out - ref).max()), rel, exact,
+                                "bit-exact" if bound == 0 else f"rel < {bound:.3g}", passed))
+    head = (f"{'key':32s} {'M':>5s}  {'vs the fused JAX block':26s} {'max |diff|':>10s} {'rel L2':>9s} "
+            f"{'bit-exact':>9s}  {'expected':16s}")
+    print("\nequivalence\n" + head + "\n" + "-" * len(head))
+    for label, m, k, mx, rel, exact, want, passed in eq_rows:
+        print(f"{label:32s} {m:5d}  {k:26s} {mx:10.3g} {rel:9.2e} {'yes' if exact else 'no':>9s}  {want:16s}"
+              f"{'' if passed else '  FAIL'}")
+    cols = ["fused JAX", "unfused JAX", "unfused JAX, XLA fp8 dot", "PyTorch reference"]
+    head = f"{'key':32s} {'M':>5s}  " + " ".join(f"{c:>24s}" for c in cols)
+    print(f"\ntiming (ms, median of {reps}{'; interpret mode on CPU: not performance figures' if not on_gpu else ''})\n"
+          + head + "\n" + "-" * len(head))
+    for label, m, t in t_rows:
+        print(f"{label:32s} {m:5d}  " + " ".join(f"{t[c]:24.3f}" if c in t else f"{'-':>24s}" for c in cols))
+    print("\nthe block agrees with its unfused form and the PyTorch reference" if ok else "\nMISMATCH: see the table above")
+    return 0 if ok else 1
+
+
+def _demo_producers(args: argparse.Namespace) -> int:
     """Run every fused producer on seeded data with the Pallas kernels, the jnp reference
     and the torch reference; print an equivalence and timing table."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -145,11 +267,63 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from quantact_jax.bench import producers
+    """The producer, consumer and MLP-block benchmarks with their peers, in one process: tables,
+    one JSON (``--out``) and a PNG of achieved vs ceiling (``--plot``, needs matplotlib)."""
+    import importlib
+    import json
+    import tempfile
 
-    sys.argv = ["quantact bench"] + (["--out", args.out] if args.out else []) + (["--quick"] if args.quick else []) \
-        + (["--configs"] if args.configs else [])
-    return producers.main()
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+
+    which = [w for w in args.which.split(",") if w]
+    if set(which) - {"producers", "consumers", "block"}:
+        print(f"--which takes producers, consumers, block; got {args.which}", file=sys.stderr)
+        return 2
+    if jax.default_backend() != "gpu":
+        if not args.interpret_small:
+            print("no GPU found: `quantact bench` needs one (on a CPU the kernels run in Pallas interpret mode, "
+                  "which says nothing about speed). `quantact bench --interpret-small` runs the block "
+                  "benchmark's small CPU smoke test.")
+            return 0
+        if which != ["block"]:
+            print("no GPU found: running only the block benchmark's small interpret-mode smoke test")
+        which = ["block"]
+    from quantact_jax.bench import block, plot
+
+    res: dict = {}
+    rc = 0
+    for name in block.progress(which, "quantact bench"):
+        if name == "block":
+            res["block"] = block.run(interpret_small=args.interpret_small)
+            print(block.table(res["block"]))
+            continue
+        with tempfile.TemporaryDirectory() as tmp:  # the producer/consumer scripts write their own JSON
+            path = os.path.join(tmp, f"{name}.json")
+            flags = (["--quick"] if args.quick and name == "producers" else []) + (["--configs"] if args.configs else [])
+            argv, sys.argv = sys.argv, [f"quantact bench {name}", "--out", path, *flags]
+            try:
+                rc |= importlib.import_module(f"quantact_jax.bench.{name}").main()
+            finally:
+                sys.argv = argv
+            if os.path.exists(path):
+                with open(path) as f:
+                    res[name] = json.load(f)
+    first = next(iter(res.values()), {})
+    res = {"device": first.get("device"), "date": first.get("date"), **res}
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"results: {args.out}")
+    png = args.plot or (os.path.splitext(args.out)[0] + ".png" if args.out else None)
+    if png:
+        if plot.plot(res, png):
+            print(f"plot: {png}")
+        else:
+            print("no plot: matplotlib is not installed (pip install 'quantact[bench]'), or no section has a "
+                  "ceiling (interpret-mode runs have none)")
+    return rc
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -164,16 +338,29 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="quantact", description="vLLM's pre-quantized activation contract for "
                                  "JAX/Pallas, bridged to PyTorch.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="run the fused producers and check them against the jnp and torch references")
-    d.add_argument("--m", type=int, default=0, help="tokens (default: 64 on CPU, 4096 on GPU)")
-    d.add_argument("--k", type=int, default=0, help="hidden size (default: 512 on CPU, 4096 on GPU)")
+    d = sub.add_parser("demo", help="run the fused MLP block and every fused producer against their unfused forms "
+                       "and the jnp and torch references")
+    d.add_argument("--part", choices=("all", "block", "producers"), default="all", help="which demo (default: both)")
+    d.add_argument("--hidden", type=int, default=0, help="block hidden size (default: 256 on CPU, 4096 on GPU)")
+    d.add_argument("--intermediate", type=int, default=0,
+                   help="block intermediate size (default: 384 on CPU, 14336 on GPU)")
+    d.add_argument("--tokens", default="", help="block token counts, comma-separated (default: 16 on CPU, 16,4096 on GPU)")
+    d.add_argument("--keys", default="", help="block activation keys, comma-separated constants (default: "
+                   "kFp8DynamicTokenSym,kFp8StaticTensorSym,kFp8Dynamic128Sym,kNvfp4Dynamic)")
+    d.add_argument("--m", type=int, default=0, help="producer demo tokens (default: 64 on CPU, 4096 on GPU)")
+    d.add_argument("--k", type=int, default=0, help="producer demo hidden size (default: 512 on CPU, 4096 on GPU)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=_demo)
     sub.add_parser("keys", help="list the keys and scale layouts each producer supports").set_defaults(fn=_keys)
-    b = sub.add_parser("bench", help="producer benchmark vs XLA, torch.compile, torch eager (needs a GPU)")
-    b.add_argument("--out", default=None, help="write the results as JSON here")
-    b.add_argument("--quick", action="store_true", help="smaller shapes")
-    b.add_argument("--configs", action="store_true", help="also sweep block_m x num_warps")
+    b = sub.add_parser("bench", help="producer, consumer and MLP-block benchmarks vs XLA, cuBLASLt, torch.compile, "
+                       "torch eager (needs a GPU)")
+    b.add_argument("--which", default="producers,consumers,block", help="comma-separated subset (default: all three)")
+    b.add_argument("--out", default=None, help="write all results as one JSON here (and the plot next to it)")
+    b.add_argument("--plot", default=None, help="PNG of achieved vs ceiling (default: --out with .png; needs matplotlib)")
+    b.add_argument("--quick", action="store_true", help="smaller producer shapes")
+    b.add_argument("--configs", action="store_true", help="also sweep kernel configs")
+    b.add_argument("--interpret-small", action="store_true",
+                   help="without a GPU: run the block benchmark on small shapes in interpret mode (a smoke test)")
     b.set_defaults(fn=_bench)
     c = sub.add_parser("check", help="Pallas kernels run through the torch ops vs the torch reference, bit for bit, "
                        "for every key and fused op; exit 1 on a mismatch")
@@ -187,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when torch sees one)")
     c.set_defaults(fn=_check)
     args = ap.parse_args(argv)
-    if args.cmd == "demo" and args.m and args.k and args.k % 128:
+    if args.cmd == "demo" and args.part != "block" and args.m and args.k and args.k % 128:
         ap.error("--k must be a multiple of 128 (the demo includes group-128 keys)")
     return args.fn(args)
 

@@ -100,6 +100,25 @@ def silu_and_mul(h: jax.Array) -> jax.Array:
     return y.astype(h.dtype).reshape(*h.shape[:-1], h.shape[-1] // 2)
 
 
+#: Relative L2 distance allowed between two forms of the block that differ only in the f32 sum
+#: order of their GEMMs (Pallas tiles, XLA's dot, BLAS / cuBLASLt): a GEMM output moves by at most
+#: one bf16 ulp, which can flip the next fp8 code (or a scale) for a few outputs.
+SUM_ORDER_RTOL = 1e-3
+
+
+def unfused_rtol(key: QuantKey) -> float:
+    """Relative L2 distance allowed between the fused and the plain (unfused) block.
+
+    0 for static keys (same op order: bit-exact). Dynamic keys quantize f32 values where the plain
+    path first rounds to T (2**-9 relative for bf16): a code moves by at most one step, so the two
+    blocks differ by about one quantization error, at most half a step: 2**-4 relative for e4m3,
+    2**-2 for e2m1 (NVFP4).
+    """
+    if key.scale.static:
+        return 0.0
+    return 2.0 ** -2 if key.is_fp4 else 2.0 ** -4
+
+
 def mlp(block: MLPBlock, x: jax.Array, residual: jax.Array | None = None, *,
         fused: bool = True) -> tuple[jax.Array, jax.Array]:
     """The block on ``x [..., H]``; returns ``(out [..., H], residual)`` where ``residual`` is
@@ -198,4 +217,5 @@ def is_fp8_block(block: MLPBlock) -> bool:
     return all(layer.weight_key.format == QuantFormat.FP8 for layer in (block.gate_up, block.down))
 
 
-__all__ = ["MLPBlock", "is_fp8_block", "make_block", "mlp", "mlp_unfused", "silu_and_mul"]
+__all__ = ["SUM_ORDER_RTOL", "MLPBlock", "is_fp8_block", "make_block", "mlp", "mlp_unfused", "silu_and_mul",
+           "unfused_rtol"]
