@@ -107,8 +107,8 @@ def _check_producer(op: str, key: QuantKey, x: Tensor, weight: Tensor | None, re
                     scale: Tensor | None, global_scale: Tensor | None, scale_ub: Tensor | None) -> int:
     """Validate a producer call; returns K (the quantized row width)."""
     _check_tensor(x, "x", x, FLOATS)
-    if x.dim() < 1:
-        raise QuantLayoutError("x must have at least one dimension")
+    if x.dim() < 1 or x.numel() == 0:
+        raise QuantLayoutError(f"x must have at least one dimension and one element, got shape {tuple(x.shape)}")
     k = x.shape[-1]
     if op == "silu":
         if k % 2:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -275,53 +276,56 @@ def test_fake_outputs_match_reference_layout(case):
 
 
 # ---------------------------------------------------------------- bad inputs
-def _bad_calls():
+@pytest.fixture(scope="module")
+def bad():
     x, w, res, _ = inputs("rms+res", kFp8DynamicTokenSym, m=4, k=256)
-    s = torch.tensor([0.02])
     wt, ws = fp8_weight(N, 256, kFp8DynamicTokenSym)
-    qa = ops.quantize(x, kFp8DynamicTokenSym)
-    return [
-        ("non-contiguous", lambda: ops.quantize(x.t().contiguous().t(), kFp8DynamicTokenSym), BridgeError, "contiguous"),
-        ("strided slice", lambda: ops.quantize(x[:, ::2], kFp8DynamicTokenSym), BridgeError, "contiguous"),
-        ("weight on another device", lambda: ops.rms_norm_quant(x, w.to("meta"), kFp8DynamicTokenSym), BridgeError,
-         "is on meta"),
-        ("int input", lambda: ops.quantize(x.to(torch.int32), kFp8DynamicTokenSym), QuantLayoutError, "dtype"),
-        ("f64 input", lambda: ops.quantize(x.double(), kFp8DynamicTokenSym), QuantLayoutError, "dtype"),
-        ("weight shape", lambda: ops.rms_norm_quant(x, w[:128], kFp8DynamicTokenSym), QuantLayoutError, "shape"),
-        ("residual dtype", lambda: ops.rms_norm_quant(x, w, kFp8DynamicTokenSym, residual=res.float()),
-         QuantLayoutError, "residual"),
-        ("key is a string", lambda: ops.quantize(x, str(kFp8DynamicTokenSym)), TypeError, "QuantKey"),
-        ("no key", lambda: ops.quantize(x), TypeError, "QuantKey"),
-        ("K not a multiple of the group", lambda: ops.quantize(x[:, :192].contiguous(), kFp8Dynamic128Sym),
-         QuantLayoutError, "multiple"),
-        ("odd SiLU width", lambda: ops.silu_and_mul_quant(x[:, :255].contiguous(), kFp8DynamicTokenSym),
-         QuantLayoutError, "even"),
-        ("static key without scale", lambda: ops.quantize(x, kFp8StaticTensorSym), QuantLayoutError, "static"),
-        ("static scale shape", lambda: ops.quantize(x, ALL_KEYS["kFp8StaticTokenSym"], scale=s), QuantLayoutError,
-         "shape"),
-        ("scale for a dynamic key", lambda: ops.quantize(x, kFp8DynamicTokenSym, scale=s), QuantLayoutError,
-         "dynamic"),
-        ("NVFP4 without global scale", lambda: ops.quantize(x, kNvfp4Dynamic), QuantLayoutError, "global_scale"),
-        ("global scale for fp8", lambda: ops.quantize(x, kFp8DynamicTokenSym, global_scale=1.0), QuantLayoutError,
-         "global_scale"),
-        ("key the producers lack", lambda: ops.quantize(x, QuantKey("int8", ScaleDesc("float32", False, (1, 128)))),
-         QuantLayoutError, "per-token"),
-        ("weight not fp8", lambda: ops.scaled_mm(qa, wt.float(), ws, input_quant_key=kFp8DynamicTokenSym),
-         QuantLayoutError, "float8_e4m3fn"),
-        ("K mismatch", lambda: ops.scaled_mm(qa, wt[:, :128].contiguous(), ws, input_quant_key=kFp8DynamicTokenSym),
-         QuantLayoutError, "does not match"),
-        ("consumer key the kernel lacks", lambda: ops.scaled_mm(x, wt, ws, input_quant_key=ALL_KEYS["kFp8Dynamic64Sym"]),
-         QuantLayoutError, "consumer"),
-        ("raw op with a bad key string", lambda: torch.ops.quantact.quantize(x, "kFp8Nope", None, None, None),
-         ValueError, "not a QuantKey"),
-    ]
+    return SimpleNamespace(x=x, w=w, res=res, s=torch.tensor([0.02]), wt=wt, ws=ws,
+                           qa=ops.quantize(x, kFp8DynamicTokenSym))
 
 
-@pytest.mark.parametrize("i", range(21))
-def test_bad_inputs_raise_clear_errors(i):
-    _, call, err, match = _bad_calls()[i]
+TOK = kFp8DynamicTokenSym
+#: what -> (call on the ``bad`` fixture, error type, message pattern)
+BAD_CALLS = {
+    "non-contiguous": (lambda b: ops.quantize(b.x.t().contiguous().t(), TOK), BridgeError, "contiguous"),
+    "strided slice": (lambda b: ops.quantize(b.x[:, ::2], TOK), BridgeError, "contiguous"),
+    "weight on another device": (lambda b: ops.rms_norm_quant(b.x, b.w.to("meta"), TOK), BridgeError, "is on meta"),
+    "int input": (lambda b: ops.quantize(b.x.to(torch.int32), TOK), QuantLayoutError, "dtype"),
+    "f64 input": (lambda b: ops.quantize(b.x.double(), TOK), QuantLayoutError, "dtype"),
+    "no rows": (lambda b: ops.quantize(b.x[:0], TOK), QuantLayoutError, "one element"),
+    "weight shape": (lambda b: ops.rms_norm_quant(b.x, b.w[:128], TOK), QuantLayoutError, "shape"),
+    "residual dtype": (lambda b: ops.rms_norm_quant(b.x, b.w, TOK, residual=b.res.float()), QuantLayoutError,
+                       "residual"),
+    "key is a string": (lambda b: ops.quantize(b.x, str(TOK)), TypeError, "QuantKey"),
+    "no key": (lambda b: ops.quantize(b.x), TypeError, "QuantKey"),
+    "K not a multiple of the group": (lambda b: ops.quantize(b.x[:, :192].contiguous(), kFp8Dynamic128Sym),
+                                      QuantLayoutError, "multiple"),
+    "odd SiLU width": (lambda b: ops.silu_and_mul_quant(b.x[:, :255].contiguous(), TOK), QuantLayoutError, "even"),
+    "static key without scale": (lambda b: ops.quantize(b.x, kFp8StaticTensorSym), QuantLayoutError, "static"),
+    "static scale shape": (lambda b: ops.quantize(b.x, ALL_KEYS["kFp8StaticTokenSym"], scale=b.s), QuantLayoutError,
+                           "shape"),
+    "scale for a dynamic key": (lambda b: ops.quantize(b.x, TOK, scale=b.s), QuantLayoutError, "dynamic"),
+    "NVFP4 without global scale": (lambda b: ops.quantize(b.x, kNvfp4Dynamic), QuantLayoutError, "global_scale"),
+    "global scale for fp8": (lambda b: ops.quantize(b.x, TOK, global_scale=1.0), QuantLayoutError, "global_scale"),
+    "key the producers lack": (lambda b: ops.quantize(b.x, QuantKey("int8", ScaleDesc("float32", False, (1, 128)))),
+                               QuantLayoutError, "per-token"),
+    "weight not fp8": (lambda b: ops.scaled_mm(b.qa, b.wt.float(), b.ws, input_quant_key=TOK), QuantLayoutError,
+                       "float8_e4m3fn"),
+    "K mismatch": (lambda b: ops.scaled_mm(b.qa, b.wt[:, :128].contiguous(), b.ws, input_quant_key=TOK),
+                   QuantLayoutError, "does not match"),
+    "consumer key the kernel lacks": (
+        lambda b: ops.scaled_mm(b.x, b.wt, b.ws, input_quant_key=ALL_KEYS["kFp8Dynamic64Sym"]), QuantLayoutError,
+        "consumer"),
+    "raw op with a bad key string": (lambda b: torch.ops.quantact.quantize(b.x, "kFp8Nope", None, None, None),
+                                     ValueError, "not a QuantKey"),
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_CALLS))
+def test_bad_inputs_raise_clear_errors(what, bad):
+    call, err, match = BAD_CALLS[what]
     with pytest.raises(err, match=match):
-        call()
+        call(bad)
 
 
 # ---------------------------------------------------------------- the key string through the op schema
@@ -430,7 +434,7 @@ def test_streams_ordered_without_host_sync():
         want = ops.quantize(x, key)
         torch.cuda.synchronize()
         assert torch.equal(data, want.data.view(torch.uint8)) and torch.equal(scale, want.scale)
-        same_activation(want, tr.quantize(x.cpu(), key))
+    same_activation(want, tr.quantize(x.cpu(), key))  # and the synchronised run is the reference's
 
 
 @pytest.mark.gpu
