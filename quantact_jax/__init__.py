@@ -6,9 +6,9 @@ from quantact_jax.activation import (QuantizedActivation, as_quantized_activatio
                                      get_input_quant_key, get_input_quant_scales)
 from quantact_jax.consumers import MatmulConfig, scaled_mm
 from quantact_jax.layers import QuantLinear
-from quantact_jax.mlp import MLPBlock, make_block, mlp, mlp_unfused
+from quantact_jax.mlp import MLPBlock, make_block  # mlp() stays in its module: `quantact_jax.mlp` is the module
 from quantact_jax.producers import ProducerConfig, quantize, rms_norm_quant, silu_and_mul_quant
 
 __all__ = ["QuantizedActivation", "as_quantized_activation", "expose_input_quant_key", "get_input_quant_key",
            "get_input_quant_scales", "MatmulConfig", "scaled_mm", "ProducerConfig", "quantize", "rms_norm_quant", "silu_and_mul_quant",
-           "QuantLinear", "MLPBlock", "make_block", "mlp", "mlp_unfused"]
+           "QuantLinear", "MLPBlock", "make_block"]
