@@ -106,6 +106,7 @@ def make_inputs(case: Case, m: int, k: int, dtype: torch.dtype, seed: int = 0):
     x[0, :4] = [300.0, -460.0, 1000.0, 1e-3]
     if m > 2:
         x[1] = 0.0
+
     def t(a, dt=dtype):  # torch.empty is 64-byte aligned (torch.tensor(ndarray) need not be): zero-copy on CPU
         return torch.empty(np.shape(a), dtype=dt).copy_(torch.from_numpy(np.asarray(a, np.float32)))
 
