@@ -132,15 +132,18 @@ class ScaledMMKernel:
 
 
 def to_jax_array(value: Any) -> jax.Array:
-    """A JAX array of a loader input: torch tensors through the zero-copy bridge, anything else by
-    ``jnp.asarray``."""
+    """A JAX array of a loader input: torch tensors through the zero-copy bridge (CUDA tensors stay
+    where they are; CPU tensors go to JAX's default device), anything else by ``jnp.asarray``."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
         from interop.bridge import BridgeCopyWarning, to_jax
 
         with warnings.catch_warnings():  # loading may copy (an unaligned CPU buffer): nothing to warn about
             warnings.simplefilter("ignore", BridgeCopyWarning)
-            return to_jax(value.detach().contiguous())
+            a = to_jax(value.detach().contiguous())
+        if value.device.type == "cpu" and jax.default_backend() != "cpu":
+            a = jax.device_put(a, jax.devices()[0])  # host tensors land on JAX's default device, as NumPy ones do
+        return a
     return jnp.asarray(value)
 
 

@@ -88,7 +88,7 @@ def test_prequantized_equals_plain_and_torch(case):
     # torch mirror from the same state dict, fed the same activation through the bridge
     tl = TorchQuantLinear.from_state_dict(sd)
     assert get_input_quant_key(tl) == key
-    ty = tl(to_torch(qa)).float().numpy()
+    ty = tl(to_torch(jax.device_put(qa, jax.devices("cpu")[0]))).float().numpy()  # the reference, on CPU
     assert (np.abs(got - ty) <= np.abs(ty) * BF16_ULP + 1e-6).all()  # one bf16 ulp: f32 sum order
     assert (got == ty).mean() > 0.9
 

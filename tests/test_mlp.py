@@ -54,12 +54,24 @@ fused_jit = jax.jit(mlp)
 unfused_jit = jax.jit(mlp_unfused, static_argnames=("gemm",))
 
 
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def assert_same_op_order(a, b) -> None:
+    """Bit-exact on a CPU. On a GPU the Pallas kernels' exp (libdevice) and XLA's may differ in the last
+    bit, which can move a bf16-rounded SiLU value and so a code: the GEMM-order bound then applies."""
+    if ON_GPU:
+        assert rel(a, b) < SUM_ORDER_RTOL
+    else:
+        np.testing.assert_array_equal(a, b)
+
+
 def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def f32(a) -> np.ndarray:
-    return np.asarray(a.float() if hasattr(a, "float") else a, np.float32)
+    return np.asarray(a.float().cpu() if hasattr(a, "float") else a, np.float32)
 
 
 def inputs(shape, seed):
@@ -96,8 +108,9 @@ def run(request):
     x, r = inputs((2, 5, h), seed=4)
     out, res = fused_jit(block, x, r)
     uout, ures = unfused_jit(block, x, r)
-    tblock = TorchMLPBlock.from_state_dict(block.state_dict(), input_quant_key=key)
-    tout, tres = tblock(to_torch(x), to_torch(r))
+    xt, rt = to_torch(x), to_torch(r)  # on the JAX device (CUDA on a GPU host)
+    tblock = TorchMLPBlock.from_state_dict(block.state_dict(), input_quant_key=key).to(xt.device)
+    tout, tres = tblock(xt, rt)
     return {"key": key, "block": block, "x": x, "r": r, "out": f32(out), "res": f32(res), "uout": f32(uout),
             "ures": f32(ures), "tout": f32(tout), "tres": f32(tres), "tblock": tblock}
 
@@ -112,7 +125,7 @@ def test_shapes_and_residual_bits(run):
 def test_fused_vs_unfused(run):
     key, out, uout = run["key"], run["out"], run["uout"]
     if key.scale.static:  # same op order: bit-exact
-        np.testing.assert_array_equal(out, uout)
+        assert_same_op_order(out, uout)
         return
     # Dynamic keys: the two blocks are two quantizations of the same f32 block (see unfused_rtol for
     # the bound). Fusing must not cost accuracy: both are equally close to the f32 block (10% slack
@@ -157,7 +170,8 @@ def test_fallback_when_a_layer_exposes_no_key():
     tblock = TorchMLPBlock(sd["post_attention_layernorm.weight"],
                            TorchQuantLinear.from_state_dict(sd, prefix=GATE_UP, accepts_quantized=False),
                            TorchQuantLinear.from_state_dict(sd, prefix=DOWN))
-    want, _ = tblock(to_torch(x), to_torch(r))
+    xt, rt = to_torch(x), to_torch(r)
+    want, _ = tblock.to(xt.device)(xt, rt)
     assert rel(f32(got), f32(want)) < SUM_ORDER_RTOL and (f32(got) == f32(want)).mean() > 0.95
     # with neither layer exposing a key the block is exactly the unfused one
     none = dataclasses.replace(plain_gate, down=dataclasses.replace(block.down, accepts_quantized=False))
@@ -204,7 +218,7 @@ def test_static_block_bit_exact_property(lead, with_residual, seed):
     r = r if with_residual else None
     out, res = fused_jit(STATIC_BLOCK, x, r)
     uout, ures = unfused_jit(STATIC_BLOCK, x, r)
-    np.testing.assert_array_equal(f32(out), f32(uout))
+    assert_same_op_order(f32(out), f32(uout))
     np.testing.assert_array_equal(f32(res), f32(ures))
     if not with_residual:
         np.testing.assert_array_equal(f32(res), f32(x))
