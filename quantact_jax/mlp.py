@@ -13,7 +13,7 @@ activation dtype T and norms the rounded sum; ``SiluAndMul`` computes ``T(T(silu
 vLLM's *static* fp8 fused kernels keep exactly this order, so for static keys the fused block is
 bit-identical to the plain one. Its *dynamic* fused kernels (per-token, per-group, NVFP4) add the
 residual and form SiLU-and-mul in f32 without the intermediate T rounding, so there the two differ
-by the rounding of those intermediates (see ``tests/test_mlp.py`` for the bound).
+by the rounding of those intermediates (bound: :func:`unfused_rtol`).
 
 :func:`mlp_unfused` is the plain path for every layer (the comparison reference), on the layers' own
 GEMM or on XLA's fp8 dot. :func:`make_block` builds a block with seeded random weights.
