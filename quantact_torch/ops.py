@@ -64,7 +64,7 @@ import torch
 from interop.bridge import to_jax, to_torch
 from interop.dtypes import canonical_dtype, torch_dtype
 from interop.errors import BridgeError, QuantLayoutError
-from interop.keys import QuantFormat, QuantKey, ScaleDirection, parse_quant_key
+from interop.keys import QuantFormat, QuantKey, ScaleDesc, ScaleDirection, parse_quant_key
 from interop.layers import get_input_quant_key, get_input_quant_scales
 from interop.layout import check_k_divisible, data_storage, scale_storage_shape
 from quantact_torch.activation import (
@@ -323,9 +323,24 @@ def _(x, x_scale, key, orig_dtype, weight, weight_scale, bias, out_dtype, input_
 
 
 # ---------------------------------------------------------------- public wrappers
+def _scale_fields(s: ScaleDesc | None) -> tuple:
+    return (None,) * 6 if s is None else (s.dtype, s.static, s.group_shape[0], s.group_shape[1], s.layout, s.ue8m0)
+
+
 @torch.compiler.assume_constant_result
+def _key_str_of(dtype: str, symmetric: bool, *scales: Any) -> str:
+    """``str`` of the key with these fields (``_scale_fields`` of scale, then of scale2)."""
+    sd = [None if f[0] is None else ScaleDesc(f[0], f[1], (f[2], f[3]), f[4], f[5]) for f in (scales[:6], scales[6:])]
+    return str(QuantKey(dtype, sd[0], sd[1], symmetric))
+
+
 def _key_str(key: QuantKey) -> str:
-    return str(key)
+    """``str(key)``, a constant under torch.compile. The key is taken apart into its str / bool / int /
+    enum fields (plain attribute reads that Dynamo traces) and only those reach the
+    ``assume_constant_result`` function: Dynamo before torch 2.12 cannot turn a frozen-dataclass
+    argument such as ``QuantKey`` into a constant ("currently can't reconstruct arbitrary frozen
+    dataclass instances")."""
+    return _key_str_of(key.dtype, key.symmetric, *_scale_fields(key.scale), *_scale_fields(key.scale2))
 
 
 def _as_key(key: Any, what: str = "key") -> QuantKey:

@@ -140,11 +140,18 @@ def _consume_torch(qa, key, w, ws, gs):
     return tr.scaled_mm(torch_check_key(qa, key), w, ws.reshape(1), kFp8StaticTensorSym, global_scale_a=gs)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _consume_jax(qa, key, w, ws, gs):
+def on_cpu(a) -> bool:
+    """Whether JAX array ``a`` lives on the CPU: its Pallas kernels must then run in interpret mode. The
+    JAX ops' default follows ``jax.default_backend()``, which is the GPU on a GPU host even for the CPU
+    arrays these tests import from CPU tensors (what ``ops`` does itself: interpret iff the tensor is on CPU)."""
+    return all(d.platform == "cpu" for d in a.devices())
+
+
+@functools.partial(jax.jit, static_argnums=(1, 5))
+def _consume_jax(qa, key, w, ws, gs, interpret):
     """JAX consumer (jitted: the mixed and the single-framework call share one executable)."""
     if key in PALLAS_MM_KEYS:
-        return C.scaled_mm(qa, w, ws, input_quant_key=key)
+        return C.scaled_mm(qa, w, ws, input_quant_key=key, interpret=interpret)
     return jr.scaled_mm(jax_check_key(qa, key), w, ws.reshape(1), kFp8StaticTensorSym, global_scale_a=gs)
 
 
@@ -157,13 +164,14 @@ def test_mixed_framework_paths(name):
     gs = kw.get("global_scale")
     w, ws = fp8_weight(N, K, key)
     tqa = ops.quantize(x, key, **kw)  # torch producer (Pallas through DLPack)
-    jqa = P.quantize(to_jax(x), key, **{n: to_jax(v) for n, v in kw.items()})  # JAX producer
+    xj = to_jax(x)
+    jqa = P.quantize(xj, key, **{n: to_jax(v) for n, v in kw.items()}, interpret=on_cpu(xj))  # JAX producer
     same_activation(to_jax(tqa), jqa)
     same_activation(to_torch(jqa), tqa)
     same_activation(tqa, tr.quantize(x, key, **kw))  # and both are the reference's bits
     wj, wsj, gsj = to_jax(w), to_jax(ws), None if gs is None else to_jax(gs)
-    np.testing.assert_array_equal(raw(_consume_jax(to_jax(tqa), key, wj, wsj, gsj)),
-                                  raw(_consume_jax(jqa, key, wj, wsj, gsj)))
+    np.testing.assert_array_equal(raw(_consume_jax(to_jax(tqa), key, wj, wsj, gsj, on_cpu(wj))),
+                                  raw(_consume_jax(jqa, key, wj, wsj, gsj, on_cpu(wj))))
     np.testing.assert_array_equal(raw(_consume_torch(to_torch(jqa), key, w, ws, gs)),
                                   raw(_consume_torch(tqa, key, w, ws, gs)))
 
@@ -172,14 +180,16 @@ def test_wrongly_routed_activation_fails_on_both_sides():
     x = inputs("quant", kFp8DynamicTokenSym)[0]
     w, ws = fp8_weight(N, K, kFp8DynamicTokenSym)
     tqa = ops.quantize(x, kFp8DynamicTokenSym)
-    jqa = to_jax(tqa)
+    jqa, xj = to_jax(tqa), to_jax(x)
+    interpret = on_cpu(xj)
     for wrong in (kFp8DynamicTensorSym, kFp8Dynamic128Sym, ALL_KEYS["kFp8StaticTokenSym"]):
         with pytest.raises(QuantKeyMismatchError, match="expects"):  # torch side, before crossing
             ops.scaled_mm(tqa, w, ws, input_quant_key=wrong)
         with pytest.raises(QuantKeyMismatchError, match="expects"):  # JAX side, after crossing
-            C.scaled_mm(jqa, to_jax(w), to_jax(ws), input_quant_key=wrong)
+            C.scaled_mm(jqa, to_jax(w), to_jax(ws), input_quant_key=wrong, interpret=interpret)
         with pytest.raises(QuantKeyMismatchError):  # JAX producer -> torch consumer
-            ops.scaled_mm(to_torch(P.quantize(to_jax(x), kFp8DynamicTokenSym)), w, ws, input_quant_key=wrong)
+            ops.scaled_mm(to_torch(P.quantize(xj, kFp8DynamicTokenSym, interpret=interpret)), w, ws,
+                          input_quant_key=wrong)
     # a plain tensor is quantized in the kernel with the consumer's key: the same bits as the two-step path
     np.testing.assert_array_equal(raw(ops.scaled_mm(x, w, ws, input_quant_key=kFp8DynamicTokenSym)),
                                   raw(ops.scaled_mm(tqa, w, ws, input_quant_key=kFp8DynamicTokenSym)))
@@ -359,6 +369,7 @@ def keys(draw):
 @given(keys())
 def test_parse_quant_key_round_trip(key):
     assert parse_quant_key(str(key)) == key
+    assert ops._key_str(key) == str(key)  # the compile-safe str (rebuilt from the key's plain fields)
 
 
 def test_parse_quant_key_names_and_errors():
