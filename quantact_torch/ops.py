@@ -64,7 +64,13 @@ import torch
 from interop.bridge import to_jax, to_torch
 from interop.dtypes import canonical_dtype, torch_dtype
 from interop.errors import BridgeError, QuantLayoutError
-from interop.keys import QuantFormat, QuantKey, ScaleDesc, ScaleDirection, parse_quant_key
+from interop.keys import (
+    QuantFormat,
+    QuantKey,
+    ScaleDesc,
+    ScaleDirection,
+    parse_quant_key,
+)
 from interop.layers import get_input_quant_key, get_input_quant_scales
 from interop.layout import check_k_divisible, data_storage, scale_storage_shape
 from quantact_torch.activation import (
