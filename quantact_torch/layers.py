@@ -10,7 +10,9 @@ layer, with vLLM's ``apply_weights(x, bias)`` semantics:
   for NVFP4 and block-scaled weights; on CUDA, fp8 per-tensor / per-token activations with
   per-tensor / per-channel weights go through ``torch._scaled_mm`` (cuBLASLt), as vLLM's
   ``Fp8LinearOp`` does (tensor-wise scales, or row-wise scales for a bf16 output, K and N
-  multiples of 16).
+  multiples of 16). ``use_scaled_mm=False`` keeps the reference consumer on CUDA too: cuBLASLt's
+  accumulation is the vendor's (it moved a block's output by 1% rel L2 from the f32 references on an
+  H100), so the op-order comparisons run the torch block with the reference consumer.
 
 This module does not import jax, except to convert JAX arrays handed to the loader.
 """
@@ -90,7 +92,8 @@ class QuantLinear(torch.nn.Module):
 
     def __init__(self, weight: Any = None, weight_scale: Any = None, *, bias: Any = None, input_scale: Any = None,
                  weight_global_scale: Any = None, input_global_scale: Any = None,
-                 input_quant_key: QuantKey | None = None, accepts_quantized: bool = True, what: str = ""):
+                 input_quant_key: QuantKey | None = None, accepts_quantized: bool = True, use_scaled_mm: bool = True,
+                 what: str = ""):
         super().__init__()
         given = {"weight": weight, "weight_scale": weight_scale, "bias": bias, "input_scale": input_scale,
                      "weight_global_scale": weight_global_scale, "input_global_scale": input_global_scale}
@@ -104,18 +107,20 @@ class QuantLinear(torch.nn.Module):
         self.input_key: QuantKey = plan.input_key
         self.weight_key: QuantKey = plan.weight_key
         self.accepts_quantized = bool(accepts_quantized)
+        self.use_scaled_mm = bool(use_scaled_mm)  # torch._scaled_mm on CUDA where it applies
         expose_input_quant_key(self, self.kernel)
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, Any], *, prefix: str = "",
-                        input_quant_key: QuantKey | None = None, accepts_quantized: bool = True) -> QuantLinear:
+                        input_quant_key: QuantKey | None = None, accepts_quantized: bool = True,
+                        use_scaled_mm: bool = True) -> QuantLinear:
         """Load ``{prefix}weight`` (or ``weight_packed``), ``weight_scale``, ``input_scale``, ``bias``,
         ``weight_global_scale``, ``input_global_scale`` from torch tensors, NumPy or JAX arrays;
         ``QuantLayoutError`` naming the entry on a wrong shape or dtype."""
         entries = select_entries(state_dict, prefix)
         check_names(entries, prefix)
-        return cls(**entries, input_quant_key=input_quant_key,
-                   accepts_quantized=accepts_quantized, what=prefix)
+        return cls(**entries, input_quant_key=input_quant_key, accepts_quantized=accepts_quantized,
+                   use_scaled_mm=use_scaled_mm, what=prefix)
 
     @property
     def kernel(self) -> ScaledMMKernel:
@@ -154,7 +159,7 @@ class QuantLinear(torch.nn.Module):
             raise QuantLayoutError(f"input has K={qa.orig_shape[-1]}, but the weight is "
                                    f"[N={self.out_features}, K={self.in_features}]")
         out_dtype = qa.orig_dtype if out_dtype is None else out_dtype
-        if qa.data.is_cuda:
+        if qa.data.is_cuda and self.use_scaled_mm:
             out = self._scaled_mm(qa, bias, out_dtype)
             if out is not None:
                 return out
@@ -195,7 +200,7 @@ class QuantLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, input_key={self.input_key}, "
                 f"weight_key={self.weight_key}, bias={self.bias is not None}, "
-                f"exposes={self.input_quant_key is not None}")
+                f"exposes={self.input_quant_key is not None}, use_scaled_mm={self.use_scaled_mm}")
 
 
 __all__ = ["QuantLinear", "ScaledMMKernel", "to_torch_tensor"]

@@ -52,10 +52,13 @@ class MLPBlock(torch.nn.Module):
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, Any], *, prefix: str = "",
-                        input_quant_key: QuantKey | None = None, eps: float = 1e-6) -> MLPBlock:
-        """Load ``post_attention_layernorm.weight``, ``mlp.gate_up_proj.*``, ``mlp.down_proj.*``."""
+                        input_quant_key: QuantKey | None = None, eps: float = 1e-6,
+                        use_scaled_mm: bool = True) -> MLPBlock:
+        """Load ``post_attention_layernorm.weight``, ``mlp.gate_up_proj.*``, ``mlp.down_proj.*``
+        (``use_scaled_mm``: see :class:`~quantact_torch.layers.QuantLinear`)."""
         def layer(p: str) -> QuantLinear:
-            return QuantLinear.from_state_dict(state_dict, prefix=prefix + p, input_quant_key=input_quant_key)
+            return QuantLinear.from_state_dict(state_dict, prefix=prefix + p, input_quant_key=input_quant_key,
+                                               use_scaled_mm=use_scaled_mm)
 
         return cls(state_dict[prefix + NORM], layer(GATE_UP), layer(DOWN), eps)
 

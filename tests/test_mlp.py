@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -55,6 +56,11 @@ unfused_jit = jax.jit(mlp_unfused, static_argnames=("gemm",))
 
 
 ON_GPU = jax.default_backend() == "gpu"
+# Fraction of block outputs that must be bit-identical between two GEMM implementations. On a GPU the
+# Triton consumer only guarantees > 90% of one GEMM's outputs identical to the references (its fp8
+# MMA sums in its own order; tests/test_consumers.py), so the block is held to that; on a CPU every
+# GEMM is an XLA or BLAS f32 sum and flips are rare.
+EXACT_FRACTION = 0.9 if ON_GPU else 0.95
 
 
 def assert_same_op_order(a, b) -> None:
@@ -109,7 +115,9 @@ def run(request):
     out, res = fused_jit(block, x, r)
     uout, ures = unfused_jit(block, x, r)
     xt, rt = to_torch(x), to_torch(r)  # on the JAX device (CUDA on a GPU host)
-    tblock = TorchMLPBlock.from_state_dict(block.state_dict(), input_quant_key=key).to(xt.device)
+    # the op-order reference: the torch reference consumer on CUDA too (torch._scaled_mm is checked
+    # separately, test_torch_scaled_mm_block)
+    tblock = TorchMLPBlock.from_state_dict(block.state_dict(), input_quant_key=key, use_scaled_mm=False).to(xt.device)
     tout, tres = tblock(xt, rt)
     return {"key": key, "block": block, "x": x, "r": r, "out": f32(out), "res": f32(res), "uout": f32(uout),
             "ures": f32(ures), "tout": f32(tout), "tres": f32(tres), "tblock": tblock}
@@ -141,7 +149,7 @@ def test_fused_vs_torch_block(run):
     """Same op order as the torch block; only the GEMMs' f32 sum order differs (SUM_ORDER_RTOL)."""
     out, tout = run["out"], run["tout"]
     assert rel(out, tout) < SUM_ORDER_RTOL
-    assert (out == tout).mean() > 0.95
+    assert (out == tout).mean() > EXACT_FRACTION
 
 
 def test_unfused_on_xla_fp8_dot(run):
@@ -150,12 +158,39 @@ def test_unfused_on_xla_fp8_dot(run):
     xout, _ = unfused_jit(run["block"], run["x"], run["r"], gemm="xla")
     # same codes and scales; the GEMMs sum in XLA's order (SUM_ORDER_RTOL)
     assert rel(f32(xout), run["uout"]) < SUM_ORDER_RTOL
-    assert (f32(xout) == run["uout"]).mean() > 0.95
+    assert (f32(xout) == run["uout"]).mean() > EXACT_FRACTION
 
 
 def test_torch_plain_path_matches(run):
     tout, _ = run["tblock"](to_torch(run["x"]), to_torch(run["r"]), fused=False)
-    assert rel(f32(tout), run["uout"]) < SUM_ORDER_RTOL and (f32(tout) == run["uout"]).mean() > 0.95
+    assert rel(f32(tout), run["uout"]) < SUM_ORDER_RTOL and (f32(tout) == run["uout"]).mean() > EXACT_FRACTION
+
+
+#: Block distance allowed when the torch layers run ``torch._scaled_mm`` (cuBLASLt / CUTLASS on CUDA).
+#: Their fp8 accumulation is the vendor's (on an H100 it moved the static block by 1% rel L2 from the
+#: references; bounded by the tensor core's fast accumulation, (K/32) * 2**-13 of sum|a w|, far below an
+#: fp8 code step of a typical output). A GEMM output that moves by less than a code step moves the
+#: next activation's code by at most one step, so the block is another quantization of the same f32
+#: intermediate: at most about one e4m3 quantization error apart, 2**-4 relative (cf. unfused_rtol).
+VENDOR_GEMM_RTOL = 2.0 ** -4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._scaled_mm runs on CUDA")
+def test_torch_scaled_mm_block(run):
+    if run["key"].is_fp4:
+        pytest.skip("NVFP4 layers always run the torch reference consumer")
+    sd = run["block"].state_dict()
+    vblock = TorchMLPBlock.from_state_dict(sd, input_quant_key=run["key"]).to("cuda")
+    xt, rt = to_torch(run["x"]).to("cuda"), to_torch(run["r"]).to("cuda")
+    vout, vres = vblock(xt, rt)
+    np.testing.assert_array_equal(f32(vres), run["tres"])
+    assert rel(f32(vout), run["tout"]) < VENDOR_GEMM_RTOL
+    # and as accurate as the reference block, against the block in f32: both are ~4.7% off it (fp8
+    # quantization); the vendor's code flips are independent of that error and add in quadrature, so
+    # the 10% slack admits a distance up to ~0.46x of it (~2%, twice the H100's) and no systematic error
+    exact = f32_block(run["block"], run["x"], run["r"])
+    assert rel(f32(vout), exact) < 1.1 * rel(run["tout"], exact)
 
 
 def test_fallback_when_a_layer_exposes_no_key():
@@ -167,12 +202,13 @@ def test_fallback_when_a_layer_exposes_no_key():
     assert get_input_quant_key(plain_gate.gate_up) is None and get_input_quant_key(plain_gate.down) is not None
     got, _ = fused_jit(plain_gate, x, r)
     sd = block.state_dict()
-    tblock = TorchMLPBlock(sd["post_attention_layernorm.weight"],
-                           TorchQuantLinear.from_state_dict(sd, prefix=GATE_UP, accepts_quantized=False),
-                           TorchQuantLinear.from_state_dict(sd, prefix=DOWN))
+    tblock = TorchMLPBlock(sd["post_attention_layernorm.weight"],  # reference consumers, as in `run`
+                           TorchQuantLinear.from_state_dict(sd, prefix=GATE_UP, accepts_quantized=False,
+                                                            use_scaled_mm=False),
+                           TorchQuantLinear.from_state_dict(sd, prefix=DOWN, use_scaled_mm=False))
     xt, rt = to_torch(x), to_torch(r)
     want, _ = tblock.to(xt.device)(xt, rt)
-    assert rel(f32(got), f32(want)) < SUM_ORDER_RTOL and (f32(got) == f32(want)).mean() > 0.95
+    assert rel(f32(got), f32(want)) < SUM_ORDER_RTOL and (f32(got) == f32(want)).mean() > EXACT_FRACTION
     # with neither layer exposing a key the block is exactly the unfused one
     none = dataclasses.replace(plain_gate, down=dataclasses.replace(block.down, accepts_quantized=False))
     np.testing.assert_array_equal(f32(fused_jit(none, x, r)[0]), f32(unfused_jit(block, x, r)[0]))
