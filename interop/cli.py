@@ -124,7 +124,7 @@ def _demo_block(args: argparse.Namespace) -> int:
     eq_rows, t_rows, ok = [], [], True
     for name, key in keys.items():
         block = M.make_block(hidden, inter, key=key, seed=args.seed)
-        tblock = TorchBlock.from_state_dict(block.state_dict(), input_quant_key=key).to(tdev)
+        tblock = TorchBlock.from_state_dict(block.state_dict(), input_quant_key=key, use_scaled_mm=False).to(tdev)
         label = name + (" (jnp GEMM)" if key.is_fp4 else "")
         for m in tokens:
             rng = np.random.default_rng(args.seed + m)
