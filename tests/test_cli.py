@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from interop.cli import main
@@ -36,7 +37,8 @@ def test_demo_block_small(capsys):
     assert "the block agrees with its unfused form and the PyTorch reference" in out and "FAIL" not in out
     static_unfused = next(line for line in out.splitlines()
                           if line.startswith("kFp8StaticTensorSym") and "unfused JAX " in line)
-    assert " yes " in static_unfused and "bit-exact" in static_unfused
+    # on a GPU the demo states the static key's bound (the fused SiLU's exp is libdevice's there)
+    assert " yes " in static_unfused and ("bit-exact" in static_unfused or jax.default_backend() == "gpu")
     assert "timing (ms" in out and "PyTorch reference" in out
     assert main(["demo", "--part", "block", "--keys", "kMxfp8Dynamic"]) == 2
 

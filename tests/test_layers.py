@@ -111,10 +111,17 @@ def test_backends_agree():
     a_abs = np.abs(np.asarray(qa.data, np.float32)) * np.asarray(qa.scale, np.float32).reshape(-1, 1)
     w_abs = np.abs(np.asarray(layer.weight, np.float32)) * np.asarray(layer.weight_scale, np.float32).reshape(-1, 1)
     sum_order = 2 * k * 2.0 ** -24 * (a_abs @ w_abs.T)
+    # On a GPU XLA's fp8 dot is cuBLASLt with fast accumulation whatever the precision (H100, jax
+    # 0.11.2): the tensor core's ~14-bit accumulator, bounded as in tests/test_consumers.py `_check`.
+    fast = (k / 32) * 2.0 ** -13 * (a_abs @ w_abs.T)
+    gpu = jax.default_backend() == "gpu"
     for b in ("xla", "reference"):
+        vendor = gpu and b == "xla"
         err = np.abs(outs[b] - outs["pallas"])
-        assert (err <= np.maximum(np.abs(outs[b]), np.abs(outs["pallas"])) * BF16_ULP + sum_order).all(), b
-        assert (outs[b] == outs["pallas"]).mean() > 0.9, b  # as the consumer tests: most outputs identical
+        bound = np.maximum(np.abs(outs[b]), np.abs(outs["pallas"])) * BF16_ULP + (fast if vendor else sum_order)
+        assert (err <= bound).all(), b
+        if not vendor:
+            assert (outs[b] == outs["pallas"]).mean() > 0.9, b  # as the consumer tests: most outputs identical
 
 
 def test_key_mismatch_and_no_key_fail_loudly():

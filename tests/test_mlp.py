@@ -156,6 +156,11 @@ def test_unfused_on_xla_fp8_dot(run):
     if run["key"].is_fp4:
         pytest.skip("XLA has no fp4 dot: NVFP4 layers run the jnp reference consumer")
     xout, _ = unfused_jit(run["block"], run["x"], run["r"], gemm="xla")
+    if jax.default_backend() == "gpu":
+        # XLA:GPU's fp8 dot is cuBLASLt with fast accumulation even at HIGHEST (H100, jax 0.11.2):
+        # a vendor GEMM, bounded like the torch._scaled_mm block (VENDOR_GEMM_RTOL below)
+        assert rel(f32(xout), run["uout"]) < VENDOR_GEMM_RTOL
+        return
     # same codes and scales; the GEMMs sum in XLA's order (SUM_ORDER_RTOL)
     assert rel(f32(xout), run["uout"]) < SUM_ORDER_RTOL
     assert (f32(xout) == run["uout"]).mean() > EXACT_FRACTION
