@@ -9,10 +9,11 @@ copies both onto the layer, so producers read ``layer.input_quant_key`` /
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from interop.errors import NoInputQuantKeyError
-from interop.keys import InputQuantScales, QuantKey
+from interop.errors import NoInputQuantKeyError, QuantLayoutError
+from interop.keys import InputQuantScales, QuantKey, ScaleDirection
 
 KEY_ATTR = "input_quant_key"
 SCALES_ATTR = "input_quant_scales"
@@ -54,3 +55,28 @@ def get_input_quant_scales(layer: Any) -> InputQuantScales:
     """The scales exposed with the key; raises ``NoInputQuantKeyError`` if the layer has no key."""
     get_input_quant_key(layer, required=True)
     return getattr(layer, SCALES_ATTR, None) or InputQuantScales()
+
+
+def resolve_input_quant(key: QuantKey | None, layer: Any, scale: Any, global_scale: Any,
+                        reciprocal: Callable[[Any], Any]) -> tuple[QuantKey, Any, Any]:
+    """A producer's ``(key, scale, global_scale)``: the explicit ones, or those ``layer`` exposes.
+
+    Explicit scales win over exposed ones; an explicit key must equal the exposed key. An exposed
+    global scale in the dequant direction is inverted with ``reciprocal`` (the framework's own
+    f32 division, so the JAX and torch producers stay bit-identical).
+    """
+    if key is None and layer is None:
+        raise TypeError("pass a QuantKey or a layer that exposes one")
+    if layer is not None:
+        lkey = get_input_quant_key(layer, required=True)
+        if key is not None and key != lkey:
+            raise QuantLayoutError(f"requested {key} but the layer exposes {lkey}")
+        key = lkey
+        scales = get_input_quant_scales(layer)
+        if scale is None:
+            scale = scales.input_scale
+        if global_scale is None and scales.global_scale is not None:
+            global_scale = scales.global_scale
+            if scales.global_scale_direction == ScaleDirection.DEQUANT:
+                global_scale = reciprocal(global_scale)
+    return key, scale, global_scale

@@ -38,8 +38,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from interop.errors import QuantLayoutError
-from interop.keys import QuantFormat, QuantKey, ScaleDirection, ScaleLayout
-from interop.layers import get_input_quant_key, get_input_quant_scales
+from interop.keys import QuantFormat, QuantKey, ScaleLayout
+from interop.layers import resolve_input_quant
 from interop.layout import cdiv, check_k_divisible, round_up, scale_storage_shape
 from quantact_jax import exact, reference as ref
 from quantact_jax.activation import QuantizedActivation
@@ -570,21 +570,7 @@ def _run(op: str, x: jax.Array, key: QuantKey, *, k: int, weight=None, residual=
 
 def _key_and_scales(key: QuantKey | None, layer: Any, scale, global_scale):
     """Resolve the key and scales from an explicit key or a consumer layer's exposure."""
-    if key is None and layer is None:
-        raise TypeError("pass a QuantKey or a layer that exposes one")
-    if layer is not None:
-        lkey = get_input_quant_key(layer, required=True)
-        if key is not None and key != lkey:
-            raise QuantLayoutError(f"requested {key} but the layer exposes {lkey}")
-        key = lkey
-        scales = get_input_quant_scales(layer)
-        if scale is None:
-            scale = scales.input_scale
-        if global_scale is None and scales.global_scale is not None:
-            global_scale = scales.global_scale
-            if scales.global_scale_direction == ScaleDirection.DEQUANT:
-                global_scale = 1.0 / jnp.asarray(global_scale, F32)
-    return key, scale, global_scale
+    return resolve_input_quant(key, layer, scale, global_scale, lambda g: 1.0 / jnp.asarray(g, F32))
 
 
 # ------------------------------------------------------------------ public ops

@@ -68,10 +68,9 @@ from interop.keys import (
     QuantFormat,
     QuantKey,
     ScaleDesc,
-    ScaleDirection,
     parse_quant_key,
 )
-from interop.layers import get_input_quant_key, get_input_quant_scales
+from interop.layers import resolve_input_quant
 from interop.layout import check_k_divisible, data_storage, scale_storage_shape
 from quantact_torch.activation import (
     QuantizedActivation,
@@ -357,19 +356,8 @@ def _as_key(key: Any, what: str = "key") -> QuantKey:
 
 def _resolve(key: QuantKey | None, layer: Any, scale: Any, global_scale: Any):
     """The key and scales: explicit, or those a consumer layer exposes (``expose_input_quant_key``)."""
-    if layer is not None:
-        lkey = get_input_quant_key(layer, required=True)
-        if key is not None and key != lkey:
-            raise QuantLayoutError(f"requested {key} but the layer exposes {lkey}")
-        key = lkey
-        scales = get_input_quant_scales(layer)
-        scale = scales.input_scale if scale is None else scale
-        if global_scale is None and scales.global_scale is not None:
-            global_scale = scales.global_scale
-            if scales.global_scale_direction == ScaleDirection.DEQUANT:
-                global_scale = 1.0 / torch.as_tensor(global_scale, dtype=torch.float32)
-    if key is None:
-        raise TypeError("pass a QuantKey or a layer that exposes one")
+    key, scale, global_scale = resolve_input_quant(
+        key, layer, scale, global_scale, lambda g: 1.0 / torch.as_tensor(g, dtype=torch.float32))
     return _as_key(key), scale, global_scale
 
 
