@@ -36,20 +36,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from interop.errors import QuantLayoutError
-from interop.keys import (GroupShape, QuantFormat, QuantKey, ScaleLayout, kFp8Static128BlockSym,
-                          kFp8StaticTensorSym, kFp8StaticTokenSym)
+from interop.keys import GroupShape, QuantFormat, QuantKey, ScaleLayout
 from interop.layout import cdiv
+from interop.weights import WEIGHT_BLOCK_128, WEIGHT_PER_CHANNEL, WEIGHT_PER_TENSOR
 from quantact_jax import mosaic_gemm, producers
 from quantact_jax.activation import QuantizedActivation, as_quantized_activation
 
 F32 = jnp.float32
 FP8 = jnp.float8_e4m3fn
 
-#: Weight keys on the ``[N, K]`` weight: per-tensor, per-output-channel (a scale per row,
-#: shape ``[N, 1]``), DeepSeek 128x128 blocks (shape ``[cdiv(N,128), cdiv(K,128)]``).
-WEIGHT_PER_TENSOR = kFp8StaticTensorSym
-WEIGHT_PER_CHANNEL = kFp8StaticTokenSym
-WEIGHT_BLOCK_128 = kFp8Static128BlockSym
+# Weight keys on the ``[N, K]`` weight (interop.weights, re-exported): per-tensor, per-output-channel
+# (a scale per row, shape ``[N, 1]``), DeepSeek 128x128 blocks (``[cdiv(N,128), cdiv(K,128)]``).
 
 
 @dataclasses.dataclass(frozen=True)
