@@ -192,7 +192,7 @@ def scaled_mm(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array, bias: ja
     sa = _pad(jnp.broadcast_to(sa.astype(F32).reshape(-1), (m,)), mp)
     sb = _pad(jnp.broadcast_to(sb.astype(F32).reshape(-1), (n,)), np_)
     args = [a, b, sa, sb] + ([_pad(bias.astype(F32), np_)] if bias is not None else [])
-    num_sms = jax.devices()[0].core_count if hasattr(jax.devices()[0], "core_count") else 132
+    num_sms = getattr(jax.devices()[0], "core_count", 132)  # one persistent CTA per SM
 
     def body(a_gmem, b_gmem, sa_gmem, sb_gmem, *rest):
         bias_gmem = rest[0] if bias is not None else None
