@@ -204,4 +204,175 @@ def scaled_mm(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array, bias: ja
     return f(*args)[:m]
 
 
-__all__ = ["MosaicConfig", "heuristic_config", "scaled_mm", "supports"]
+# ---------------------------------------------------------------- decode: swap-AB
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Swap-AB decode GEMM for small M (the weight read is the whole cost): each compute
+    warpgroup owns ``tile_n`` weight rows, the wgmma M side, and every (padded) activation row,
+    the wgmma N side (8..64). ``split_k`` K slices per output tile give every SM a share of the
+    weight when N alone makes too few tiles; their f32 partials are summed in XLA in a fixed
+    order before the epilogue."""
+
+    tile_n: int = 64
+    tile_k: int = 256
+    stages: int = 6
+    split_k: int = 1
+    num_wgs: int = 1
+
+    def smem_bytes(self, mp: int) -> int:
+        return self.stages * (self.num_wgs * self.tile_n + mp) * self.tile_k + self.num_wgs * self.tile_n * mp * 4 + 4096
+
+
+def decode_heuristic(m: int, n: int, k: int, num_sms: int = 132) -> DecodeConfig:
+    """64-row weight tiles, 256-wide K steps, 6 stages; split K until the tiles cover the SMs."""
+    tk = 256 if k % 256 == 0 else 128
+    tiles = cdiv(n, 64)
+    split = 1
+    while tiles * split * 2 <= num_sms + num_sms // 4 and k % (2 * split * tk) == 0:
+        split *= 2
+    return DecodeConfig(tile_n=64, tile_k=tk, stages=6 if tk == 256 else 10, split_k=split)
+
+
+def decode_rows(m: int) -> int:
+    """The activation rows the decode kernel computes (the wgmma N side): M rounded up to 16, so
+    that a bf16 row of the transposed output tile is at least 32 bytes (the smallest swizzle)."""
+    return cdiv(m, 16) * 16
+
+
+def decode_supports(m: int, n: int, k: int, out_dtype, cfg: DecodeConfig | None = None) -> bool:
+    """True when the swap-AB decode kernel takes this problem (M <= 64, TMA tiling)."""
+    cfg = cfg or decode_heuristic(m, n, k)
+    mp = decode_rows(m)
+    return (m <= 64 and k % (cfg.split_k * cfg.tile_k) == 0 and n % 8 == 0 and jnp.dtype(out_dtype).itemsize in (2, 4)
+            and cfg.smem_bytes(mp) <= SMEM_LIMIT)
+
+
+def _decode_kernel(w_gmem, x_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: DecodeConfig):
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    n, k = w_gmem.shape
+    mp = x_gmem.shape[0]
+    tn, tk, wgs, split = cfg.tile_n, cfg.tile_k, cfg.num_wgs, cfg.split_k
+    cta_n = wgs * tn
+    k_per = k // split
+    swizzle = plgpu.find_swizzle(tk * 8)
+    transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
+    out_dtype = out_gmem.dtype
+    size = jnp.dtype(out_dtype).itemsize
+    out_swizzle = plgpu.find_swizzle(mp * size * 8)
+    out_transforms = (plgpu.TilingTransform((8, out_swizzle // size)), plgpu.SwizzleTransform(out_swizzle))
+    n_iters = cdiv(n, cta_n)
+    has_vecs = split == 1
+    nv = (3 if bias_gmem is not None else 2) if has_vecs else 0
+
+    def pipeline(body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(k_per // tk,), memory_registers=40,
+            in_specs=[plgpu.BlockSpec((cta_n, tk), lambda ki: (0, ki), transforms=transforms,
+                                      memory_space=plgpu.SMEM),
+                      plgpu.BlockSpec((mp, tk), lambda ki: (0, ki), transforms=transforms, memory_space=plgpu.SMEM)],
+            wg_axis="wg", num_compute_wgs=wgs, max_concurrent_steps=cfg.stages, compute_context=compute_context)
+
+    ignore = lambda *_, **__: None  # allocations do not depend on the bodies
+
+    @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(w_gmem, x_gmem),
+                       out_smem=plgpu.SMEM((wgs, tn, mp), out_dtype, transforms=out_transforms),
+                       sa_smem=plgpu.SMEM((wgs, mp), F32), sb_smem=plgpu.SMEM((wgs, 2, tn), F32),
+                       bars=plgpu.Barrier(num_barriers=max(1, wgs * nv)), collective_axes="wg")
+    def _scope(allocs, out_smem, sa_smem, sb_smem, bars):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((n_iters * split,), collective_axes="sm")
+        def _tiles(info):
+            (lin,) = info.index
+            ni, s = lin // split, lin % split
+            n0 = ni * cta_n + wg * tn  # this warpgroup's first weight row
+
+            def compute_context(run):
+                vecs = []
+                if has_vecs:
+                    vecs = [(sa_gmem, sa_smem.at[wg]), (sb_gmem.at[pl.ds(n0, tn)], sb_smem.at[wg, 0])]
+                    if bias_gmem is not None:
+                        vecs.append((bias_gmem.at[pl.ds(n0, tn)], sb_smem.at[wg, 1]))
+                for j, (src, dst) in enumerate(vecs):
+                    plgpu.copy_gmem_to_smem(src, dst, bars.at[wg * nv + j])
+
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tn, mp), F32))
+                def _acc(acc_ref):
+                    run(acc_ref)
+                    out = acc_ref[...]  # [weight rows, activation rows]: the transposed output tile
+                    if has_vecs:
+                        for j in range(nv):
+                            plgpu.barrier_wait(bars.at[wg * nv + j])
+                        row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+                        sb = lax.broadcast_in_dim(plgpu.load(sb_smem.at[wg, 0], (), layout=row), (tn, mp), [0])
+                        sa = lax.broadcast_in_dim(plgpu.load(sa_smem.at[wg], (), layout=col), (tn, mp), [1])
+                        out = sa * (sb * out)
+                        if bias_gmem is not None:
+                            out = out + lax.broadcast_in_dim(plgpu.load(sb_smem.at[wg, 1], (), layout=row),
+                                                             (tn, mp), [0])
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    out_smem[wg] = out.astype(out_dtype)
+                    plgpu.commit_smem()
+                    dst = out_gmem.at[pl.ds(n0, tn)] if split == 1 else out_gmem.at[s, pl.ds(n0, tn)]
+                    plgpu.copy_smem_to_gmem(out_smem.at[wg], dst)
+
+            def mma(_, w_smem, x_smem, acc_ref):
+                plgpu.wgmma(acc_ref, w_smem.at[pl.ds(wg * tn, tn)], x_smem.T)
+                plgpu.wgmma_wait(0)
+                return acc_ref
+
+            pipeline(mma, compute_context)(w_gmem.at[pl.ds(ni * cta_n, cta_n), pl.ds(s * k_per, k_per)],
+                                           x_gmem.at[:, pl.ds(s * k_per, k_per)], allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def scaled_mm_decode(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array, bias: jax.Array | None, out_dtype,
+                     cfg: DecodeConfig | None = None) -> jax.Array:
+    """The decode-sized ``scaled_mm`` (same arguments and result as :func:`scaled_mm`), computed
+    as ``out.T = B @ A.T`` so that the weight fills the wgmma's 64-row side."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    m, k = a.shape
+    n = b.shape[0]
+    cfg = cfg or decode_heuristic(m, n, k)
+    if not decode_supports(m, n, k, out_dtype, cfg):
+        raise ValueError(f"the Mosaic decode GEMM does not take M={m} N={n} K={k} out {jnp.dtype(out_dtype)} "
+                         f"with {cfg}")
+    mp = decode_rows(m)
+    if mp != m:
+        a = jnp.pad(a, ((0, mp - m), (0, 0)))
+    np_ = cdiv(n, cfg.num_wgs * cfg.tile_n) * cfg.num_wgs * cfg.tile_n
+    sa = _pad(jnp.broadcast_to(sa.astype(F32).reshape(-1), (m,)), mp)
+    sb = _pad(jnp.broadcast_to(sb.astype(F32).reshape(-1), (n,)), np_)
+    split = cfg.split_k
+    args = [b, a, sa, sb] + ([_pad(bias.astype(F32), np_)] if bias is not None and split == 1 else [])
+    units = cdiv(n, cfg.num_wgs * cfg.tile_n) * split
+    grid = min(getattr(jax.devices()[0], "core_count", 132), units)
+
+    def body(w_gmem, x_gmem, sa_gmem, sb_gmem, *rest):
+        bias_gmem = rest[0] if len(rest) == 2 else None
+        _decode_kernel(w_gmem, x_gmem, sa_gmem, sb_gmem, bias_gmem, rest[-1], cfg=cfg)
+
+    shape = (n, mp) if split == 1 else (split, n, mp)
+    f = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(shape, out_dtype if split == 1 else F32), grid=(grid,),
+                     grid_names=("sm",), num_threads=cfg.num_wgs + 1, thread_name="wg",
+                     compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    out = f(*args)
+    if split == 1:
+        return out[:, :m].T
+    acc = out[0]
+    for i in range(1, split):  # a fixed summation order
+        acc = acc + out[i]
+    acc = sa[:m][:, None] * (sb[None, :n] * acc[:, :m].T)
+    if bias is not None:
+        acc = acc + bias.astype(F32)[None, :]
+    return acc.astype(out_dtype)
+
+
+__all__ = ["DecodeConfig", "MosaicConfig", "decode_heuristic", "decode_supports", "heuristic_config", "scaled_mm",
+           "scaled_mm_decode", "supports"]

@@ -25,35 +25,62 @@ from interop.keys import kFp8Dynamic128Sym, kFp8DynamicTokenSym, kNvfp4Dynamic  
 from quantact_jax import producers as P  # noqa: E402
 
 
-def time_jax(fn, args, iters=50, reps=5) -> float:
-    """Median over ``reps`` of the mean time (s) of ``iters`` back-to-back async calls."""
-    out = fn(*args)
-    jax.block_until_ready(out)
+# Short kernels run in bursts of ~1 ms leave the GPU at idle clocks: warm up for WARMUP_S of
+# back-to-back calls, then size each repeat to at least MIN_REP_S (METHOD.md: warm up, repeat, median).
+WARMUP_S = 0.25
+MIN_REP_S = 0.025
+
+
+def _timed_reps(run, sync, iters: int, reps: int) -> float:
+    """Median over ``reps`` of the per-call time of ``run(n)`` (n back-to-back calls), after a
+    time-based warm-up; ``iters`` is raised until one repeat lasts MIN_REP_S."""
+    t_end = time.perf_counter() + WARMUP_S
+    n_warm, t0 = 0, time.perf_counter()
+    while time.perf_counter() < t_end or n_warm < 3:
+        run(1)
+        sync()
+        n_warm += 1
+    per_call = (time.perf_counter() - t0) / n_warm  # host-synchronised: an upper bound
+    iters = max(iters, int(MIN_REP_S / max(per_call, 1e-7)))
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / iters)
+        times.append(run(iters) / iters)
     return statistics.median(times)
 
 
+def time_jax(fn, args, iters=50, reps=5) -> float:
+    """Median over ``reps`` of the mean time (s) of ``iters`` (at least MIN_REP_S worth of)
+    back-to-back async calls, after a WARMUP_S warm-up."""
+    out = [fn(*args)]
+    jax.block_until_ready(out[0])
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out[0] = fn(*args)
+        jax.block_until_ready(out[0])
+        return time.perf_counter() - t0
+
+    return _timed_reps(run, lambda: jax.block_until_ready(out[0]), iters, reps)
+
+
 def time_torch(fn, args, iters=50, reps=5) -> float:
+    """As :func:`time_jax`, for torch work, timed with CUDA events on the current stream."""
     import torch
 
     fn(*args)
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
+
+    def run(n: int) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(iters):
+        for _ in range(n):
             fn(*args)
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / iters)
-    return statistics.median(times)
+        return start.elapsed_time(end) / 1e3
+
+    return _timed_reps(run, torch.cuda.synchronize, iters, reps)
 
 
 # ---------------------------------------------------------------- peers (plain, not bit-exact)
