@@ -40,6 +40,8 @@ from interop.keys import (
     kFp8Static128BlockSym,
     kFp8StaticTensorSym,
     kFp8StaticTokenSym,
+    kMxfp4Static,
+    kMxfp8Static,
     kNvfp4Dynamic,
     kNvfp4Static,
 )
@@ -47,11 +49,15 @@ from interop.layout import cdiv
 
 #: Weight keys, applied to the ``[N, K]`` weight as if it were an activation: per-tensor,
 #: per-output-channel (one scale per row, ``(N, 1)``), DeepSeek 128x128 blocks, NVFP4 16-blocks
-#: (row-major ``[N, K/16]`` e4m3 scales plus a global scale).
+#: (row-major ``[N, K/16]`` e4m3 scales plus a global scale), MXFP8 / MXFP4 32-blocks (e4m3 codes
+#: ``[N, K]`` or packed e2m1 ``[N, K/2]``, row-major ``[N, K/32]`` e8m0 scales, no global scale; the
+#: dequantising GEMM's weights, :mod:`quantact_jax.dequant_gemm`; state-dict loading is fp8/NVFP4 only).
 WEIGHT_PER_TENSOR = kFp8StaticTensorSym
 WEIGHT_PER_CHANNEL = kFp8StaticTokenSym
 WEIGHT_BLOCK_128 = kFp8Static128BlockSym
 WEIGHT_NVFP4 = kNvfp4Static.with_layout(ScaleLayout.ROW_MAJOR)
+WEIGHT_MXFP8 = kMxfp8Static.with_layout(ScaleLayout.ROW_MAJOR)
+WEIGHT_MXFP4 = kMxfp4Static.with_layout(ScaleLayout.ROW_MAJOR)
 
 ENTRIES = ("weight", "weight_scale", "bias", "input_scale", "weight_global_scale", "input_global_scale")
 ALIASES = {"weight_packed": "weight"}  # compressed-tensors' name for packed fp4 weights
@@ -235,6 +241,8 @@ def plan_linear(entries: Mapping[str, Any], *, input_quant_key: QuantKey | None 
 __all__ = [
     "ENTRIES",
     "WEIGHT_BLOCK_128",
+    "WEIGHT_MXFP4",
+    "WEIGHT_MXFP8",
     "WEIGHT_NVFP4",
     "WEIGHT_PER_CHANNEL",
     "WEIGHT_PER_TENSOR",
