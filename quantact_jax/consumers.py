@@ -20,7 +20,8 @@ slices whose f32 partial sums are added (in a fixed order) before the same epilo
 ``"auto"`` (default) picks Mosaic on a Hopper GPU for M > 64 when the problem fits it,
 split-K Triton for decode-sized M, Triton otherwise.
 
-NVFP4/MXFP8 operands are not built yet.
+NVFP4 / MXFP8 / MXFP4 activations go to :mod:`quantact_jax.dequant_gemm` (Hopper has no block-scaled
+MMA: its kernel dequantises each K tile in registers and runs a bf16 dot with f32 accumulation).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from interop.errors import QuantLayoutError
 from interop.keys import GroupShape, QuantFormat, QuantKey, ScaleLayout
 from interop.layout import cdiv
 from interop.weights import WEIGHT_BLOCK_128, WEIGHT_PER_CHANNEL, WEIGHT_PER_TENSOR
-from quantact_jax import mosaic_gemm, producers
+from quantact_jax import dequant_gemm, mosaic_gemm, producers
 from quantact_jax.activation import QuantizedActivation, as_quantized_activation
 
 F32 = jnp.float32
@@ -192,7 +193,8 @@ def scaled_mm(x: QuantizedActivation | jax.Array, weight: jax.Array, weight_scal
               bias: jax.Array | None = None, out_dtype=None, input_quant_key: QuantKey,
               input_scale: Any = None, weight_key: QuantKey | None = None,
               config: MatmulConfig | mosaic_gemm.MosaicConfig | None = None, backend: str = "auto",
-              interpret: bool | None = None) -> jax.Array:
+              interpret: bool | None = None, input_global_scale: Any = None,
+              weight_global_scale: Any = None) -> jax.Array:
     """``x @ dequant(weight).T`` with vLLM's scaled-GEMM semantics.
 
     ``x``: a ``QuantizedActivation`` with key ``input_quant_key`` (checked: a mismatch raises
@@ -203,7 +205,14 @@ def scaled_mm(x: QuantizedActivation | jax.Array, weight: jax.Array, weight_scal
     given). Output ``[*orig_shape[:-1], N]`` in ``out_dtype`` (default: the activation's
     ``orig_dtype``). ``backend``: ``"auto"``, ``"mosaic"`` or ``"triton"`` (module docstring);
     ``config`` a :class:`MatmulConfig` (Triton) or :class:`mosaic_gemm.MosaicConfig`.
+    NVFP4 / MX keys: :func:`quantact_jax.dequant_gemm.scaled_mm` (its weights, scales, global scales
+    ``input_global_scale`` / ``weight_global_scale`` and ``DequantGemmConfig``).
     """
+    if isinstance(input_quant_key, QuantKey) and input_quant_key.format in dequant_gemm.FORMATS:
+        return dequant_gemm.scaled_mm(x, weight, weight_scale, input_quant_key=input_quant_key, bias=bias,
+                                      out_dtype=out_dtype, input_scale=input_scale,
+                                      input_global_scale=input_global_scale, weight_global_scale=weight_global_scale,
+                                      weight_key=weight_key, config=config, backend=backend, interpret=interpret)
     qa = as_quantized_activation(x, input_quant_key)
     if qa is None:
         qa = producers.quantize(jnp.asarray(x), input_quant_key, scale=input_scale, interpret=interpret)
