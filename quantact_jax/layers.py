@@ -14,15 +14,19 @@ Calling the layer:
 
 Backends (the ``backend`` field):
 
-- ``"pallas"``: :func:`quantact_jax.consumers.scaled_mm`, the Pallas fp8 GEMM (per-tensor, per-token x
-  per-channel, 1x128 x 128x128 blocks); plain inputs are quantized by the Pallas producer.
+- ``"pallas"``: :func:`quantact_jax.consumers.scaled_mm`: the Pallas fp8 GEMM (per-tensor, per-token x
+  per-channel, 1x128 x 128x128 blocks), and for NVFP4 / MX weights the Pallas GEMM that dequantises
+  K tiles in registers (:mod:`quantact_jax.dequant_gemm`; Hopper has no block-scaled MMA); plain
+  inputs are quantized by the Pallas producer.
 - ``"xla"``: XLA's fp8 ``dot_general`` with the same scale epilogue (:func:`xla_scaled_mm`); the
   unfused peer.
-- ``"reference"``: :func:`quantact_jax.reference.scaled_mm`, dequantize-then-f32-matmul in jnp. This is
-  the **only** consumer for NVFP4 weights for now: there is no Pallas NVFP4 GEMM yet, so NVFP4
-  layers are correct but not fast.
+- ``"reference"``: :func:`quantact_jax.reference.scaled_mm`, dequantize-then-f32-matmul in jnp (every
+  scheme; the specification the other two are tested against).
 
-``"auto"`` (the default of the constructors) picks ``"pallas"`` where it applies, else ``"reference"``.
+``"auto"`` (the default of the constructors) picks ``"pallas"`` where it applies (fp8 as above; NVFP4 /
+MX activations with row-major or swizzled_128x4 scales), else ``"reference"``. MX layers (``WEIGHT_MXFP8`` /
+``WEIGHT_MXFP4`` from :mod:`interop.weights`) are built with the raw constructor: the state-dict loader
+takes fp8 and NVFP4 entries only.
 Weights load from vLLM / compressed-tensors state dicts (see :mod:`interop.weights` for the entries
 and checks) given as NumPy arrays, JAX arrays or torch tensors (torch through the zero-copy DLPack
 bridge: the bridge's read-only rule applies to those tensors).
@@ -59,7 +63,7 @@ from interop.weights import (
     plan_linear,
     select_entries,
 )
-from quantact_jax import consumers, exact, producers, reference
+from quantact_jax import consumers, dequant_gemm, exact, producers, reference
 from quantact_jax.activation import QuantizedActivation, as_quantized_activation
 
 F32 = jnp.float32
@@ -69,7 +73,10 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 def pallas_supports(input_key: QuantKey, weight_key: QuantKey) -> bool:
     """Whether the Pallas consumer takes this activation/weight pairing (fp8: per-tensor or per-token
-    activations with per-tensor/per-channel weights, row-major 1x128 groups with 128x128 blocks)."""
+    activations with per-tensor/per-channel weights, row-major 1x128 groups with 128x128 blocks;
+    NVFP4 / MX: :func:`quantact_jax.dequant_gemm.supports`)."""
+    if input_key.format in dequant_gemm.FORMATS:
+        return dequant_gemm.supports(input_key, weight_key)
     if input_key.format != QuantFormat.FP8:
         return False
     gs = input_key.scale.group_shape
@@ -192,7 +199,8 @@ class QuantLinear:
         if self.backend == "pallas" and not pallas_supports(self.input_key, self.weight_key):
             raise QuantLayoutError(f"the Pallas consumer does not take {self.input_key} with weight scheme "
                                    f"{self.weight_key} (fp8 per-tensor/per-token x per-tensor/per-channel, or "
-                                   "row-major 1x128 groups x 128x128 blocks); use backend='reference'")
+                                   "row-major 1x128 groups x 128x128 blocks; NVFP4 / MX with row-major or "
+                                   "swizzled_128x4 scales); use backend='reference'")
         if self.backend == "xla" and self.weight_key.format != QuantFormat.FP8:
             raise QuantLayoutError(f"the XLA fp8 dot takes fp8 weights, not {self.weight_key}; use backend='reference'")
         expose_input_quant_key(self, self.kernel)
@@ -205,8 +213,8 @@ class QuantLinear:
         """Load ``{prefix}weight``, ``weight_scale``, ``input_scale``, ``bias``, NVFP4
         ``weight_global_scale`` / ``input_global_scale`` (NumPy, JAX or torch values). Shapes and
         dtypes are checked by :func:`interop.weights.plan_linear` (``QuantLayoutError`` naming the
-        entry); scales are widened to f32. ``backend="auto"``: Pallas where it applies, else the jnp
-        reference (NVFP4)."""
+        entry); scales are widened to f32. ``backend="auto"``: Pallas where it applies (fp8 and NVFP4
+        activations with the layouts its kernels read), else the jnp reference."""
         entries = {name: _as_array(v) for name, v in select_entries(state_dict, prefix).items()}
         plan = plan_linear(entries, input_quant_key=input_quant_key, what=prefix)
         if backend == "auto":
@@ -275,7 +283,8 @@ class QuantLinear:
         if self.backend == "pallas":
             return consumers.scaled_mm(qa, self.weight, self.weight_scale, bias=self.bias, out_dtype=out_dtype,
                                        input_quant_key=self.input_key, weight_key=self.weight_key,
-                                       interpret=self.interpret)
+                                       interpret=self.interpret, input_global_scale=self.input_global_scale,
+                                       weight_global_scale=self.weight_global_scale)
         if self.backend == "xla":
             return xla_scaled_mm(qa, self.weight, self.weight_scale, self.weight_key, bias=self.bias,
                                  out_dtype=out_dtype)

@@ -69,7 +69,7 @@ def test_exposes_key_and_scales(case):
     scales = get_input_quant_scales(layer)
     assert (scales.input_scale is not None) == key.scale.static
     assert (scales.global_scale is not None) == key.is_fp4
-    assert layer.backend == ("reference" if key.is_fp4 else "pallas")  # no Pallas NVFP4 GEMM yet
+    assert layer.backend == "pallas"  # NVFP4 too: quantact_jax.dequant_gemm
     assert layer.weight_key == {"token": WEIGHT_PER_CHANNEL, "static": WEIGHT_PER_TENSOR,
                                 "block": WEIGHT_BLOCK_128, "nvfp4": WEIGHT_NVFP4}[
         next(n for n, k in KEYS.items() if k == key)]
@@ -165,8 +165,10 @@ def test_pytree_roundtrip_keeps_exposure():
 
 def test_backend_must_fit_the_scheme():
     sd = layer_sd(kNvfp4Dynamic)
-    with pytest.raises(QuantLayoutError, match="Pallas consumer"):
-        QuantLinear.from_state_dict(sd, backend="pallas")
+    with pytest.raises(QuantLayoutError, match="Pallas consumer"):  # it reads row-major / swizzled scales only
+        QuantLinear.from_state_dict(sd, input_quant_key=kNvfp4Dynamic.with_layout("col_major"), backend="pallas")
+    assert QuantLinear.from_state_dict(sd, input_quant_key=kNvfp4Dynamic.with_layout("col_major")).backend == \
+        "reference"
     with pytest.raises(QuantLayoutError, match="XLA fp8 dot"):
         QuantLinear.from_state_dict(sd).with_backend("xla")
     with pytest.raises(ValueError, match="backend"):
