@@ -1,0 +1,178 @@
+"""GPU check + benchmark of the Mosaic block-scaled fp8 GEMM (quantact_jax.mosaic_block_gemm).
+
+1. Correctness at a few shapes (vs quantact_jax.reference.scaled_mm, per-block fast-accum
+   tolerance of tests/test_mosaic_block_gemm.py), bf16 and f32 outputs, with and without bias.
+2. TFLOP/s of several configs vs cuBLASLt's block-scaled ``torch._scaled_mm`` (1x128 activation
+   groups, 128x128 weight blocks) and the Triton block-scaled consumer at 4096^3,
+   4096x28672x4096 and 4096x4096x14336, in one process. Prints a table, writes JSON (--out).
+
+Usage: PYTHONPATH=. XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/mosaic_block_gpu.py --out res.json
+       [--quick] (heuristic config only) [--skip-check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+import numpy as np  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from interop.bridge import to_jax, to_torch  # noqa: E402
+from interop.keys import kFp8Dynamic128Sym  # noqa: E402
+from quantact_jax import consumers as C  # noqa: E402
+from quantact_jax import mosaic_block_gemm as MB  # noqa: E402
+from quantact_jax import producers as P  # noqa: E402
+from quantact_jax.bench.producers import time_jax, time_torch  # noqa: E402
+
+SHAPES = [(4096, 4096, 4096), (4096, 28672, 4096), (4096, 4096, 14336)]
+CHECK_SHAPES = [(200, 384, 640), (5, 256, 256), (1031, 1536, 1024), (4096, 4096, 4096)]
+Cfg = MB.MosaicBlockConfig
+SWEEP = [
+    Cfg(),                                             # 128x256, wg 64x(2x128), 4 stages
+    Cfg(grid_tile_width=4), Cfg(grid_tile_width=16), Cfg(grid_minor_n=True),
+    Cfg(stages=3, epi_slots=2),
+    Cfg(n_sub=1, stages=5),                            # 128x128, wg 64x128
+    Cfg(n_sub=1, stages=6, epi_slots=1),
+    Cfg(wg_m=128, wg_n=64, n_sub=1, stages=5),         # 128x128, wg 128x64
+    Cfg(wg_m=128, wg_n=64, n_sub=2, wg_dim="n", stages=4),  # 128x256, wg 128x(2x64)
+    Cfg(wg_dim="n", n_sub=1, stages=6),                # 64x256
+]
+
+
+def check(res) -> bool:
+    import test_mosaic_block_gemm as T  # the test file's problem builder and tolerance
+
+    ok = True
+    for (m, n, k) in CHECK_SHAPES:
+        for bias in (False, True):
+            for out_dtype in (jnp.bfloat16, jnp.float32):
+                name = f"{m}x{n}x{k} bias={bias} {jnp.dtype(out_dtype).name}"
+                try:
+                    qa, wq, ws, b = T._problem(m, n, k, bias)
+                    T._check(T._run(qa, wq, ws, b, out_dtype), qa, wq, ws, b, out_dtype)
+                    res["check"][name] = "ok"
+                except Exception as e:
+                    ok = False
+                    res["check"][name] = f"FAIL {type(e).__name__}: {str(e)[:300]}"
+                    traceback.print_exc()
+                print(f"check {name}: {res['check'][name]}", flush=True)
+    # every sweep config once, on a shape with partial tiles
+    m, n, k = 300, 768, 1152
+    qa, wq, ws, b = T._problem(m, n, k, True, seed=1)
+    for cfg in SWEEP:
+        cfg = MB.fit_smem(cfg, k)
+        name = f"{m}x{n}x{k} {dataclasses.astuple(cfg)}"
+        try:
+            T._check(T._run(qa, wq, ws, b, jnp.bfloat16, cfg), qa, wq, ws, b, jnp.bfloat16)
+            res["check"][name] = "ok"
+        except Exception as e:
+            ok = False
+            res["check"][name] = f"FAIL {type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc()
+        print(f"check {name}: {res['check'][name]}", flush=True)
+    return ok
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="time the heuristic config only")
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--iters", type=int, default=20)
+    args = ap.parse_args()
+    if jax.default_backend() != "gpu":
+        print("no GPU: this benchmark needs a Hopper GPU")
+        return 0
+    import torch
+
+    dev = torch.device("cuda")
+    res = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), jax=jax.__version__,
+               torch=torch.__version__, check={}, cases=[])
+    ok = True if args.skip_check else check(res)
+
+    def dump():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
+
+    dump()
+    for m, n, k in SHAPES:
+        flops = 2 * m * n * k
+        kb, nb = k // 128, n // 128
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((m, k), np.float32), jnp.bfloat16)
+        qa = P.quantize(x, kFp8Dynamic128Sym)
+        a8, sa = qa.data, jnp.asarray(qa.scale, jnp.float32).reshape(m, kb)
+        wt = torch.randn(n, k, device=dev) * 0.05
+        w8t = (wt / (wt.abs().amax() / 448)).to(torch.float8_e4m3fn)  # [N, K]
+        sbt = (torch.rand(nb, kb, device=dev) * 0.4 + 0.8) * (wt.abs().amax() / 448)
+        w8, sb = to_jax(w8t), to_jax(sbt.contiguous())
+        row = dict(shape=[m, n, k], sweep={})
+        cfgs = [MB.heuristic_config(m, n, k)] + ([] if args.quick else [MB.fit_smem(c, k) for c in SWEEP])
+        seen = set()
+        for cfg in cfgs:
+            key = str(dataclasses.astuple(cfg))
+            if key in seen:
+                continue
+            seen.add(key)
+            f = jax.jit(lambda a, b, sa, sb, cfg=cfg: MB.scaled_mm_block(a, b, sa, sb, None, jnp.bfloat16, cfg))
+            try:
+                t = time_jax(f, (a8, w8, sa, sb), iters=args.iters)
+                row["sweep"][key] = dict(us=t * 1e6, tflops=flops / t / 1e12)
+            except Exception as e:
+                row["sweep"][key] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+            print(f"  {m}x{n}x{k} {key}: {row['sweep'][key]}", flush=True)
+        good = [(v["tflops"], c) for c, v in row["sweep"].items() if "tflops" in v]
+        if good:
+            row["mosaic_block_best_tflops"], row["mosaic_block_best_cfg"] = max(good)
+            heur = row["sweep"].get(str(dataclasses.astuple(cfgs[0])), {})
+            row["mosaic_block_heuristic_tflops"] = heur.get("tflops", float("nan"))
+        # Triton block-scaled consumer (today's path)
+        try:
+            f = jax.jit(lambda qa, w, s: C.scaled_mm(qa, w, s, input_quant_key=kFp8Dynamic128Sym, backend="triton"))
+            t = time_jax(f, (qa, w8, sb), iters=max(5, args.iters // 2))
+            row["triton_block_tflops"] = flops / t / 1e12
+        except Exception as e:
+            row["triton_block_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        # cuBLASLt block-scaled: scale_a [M, K/128] M-major, scale_b [K/128, N/128] (= sb.T)
+        x8t = to_torch(a8)
+        sat = to_torch(sa).t().contiguous().t()
+        try:
+            fn = lambda: torch._scaled_mm(x8t, w8t.t(), scale_a=sat, scale_b=sbt.t(), out_dtype=torch.bfloat16)
+            t = time_torch(fn, (), iters=args.iters)
+            row["cublas_block128_tflops"] = flops / t / 1e12
+            # same problem, same answer? (norm-wise; both use fast per-block promotion)
+            ours = np.asarray(MB.scaled_mm_block(a8, w8, sa, sb, None, jnp.bfloat16), np.float32)
+            theirs = fn().float().cpu().numpy()
+            row["rel_diff_vs_cublas"] = float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
+        except Exception as e:
+            row["cublas_block128_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        if "cublas_block128_tflops" in row and "mosaic_block_best_tflops" in row:
+            row["best_vs_cublas"] = row["mosaic_block_best_tflops"] / row["cublas_block128_tflops"]
+        res["cases"].append(row)
+        print(json.dumps({k_: v for k_, v in row.items() if k_ != "sweep"}), flush=True)
+        dump()
+    print(f"{'M x N x K':>18s} {'heur':>8s} {'best':>8s} {'cuBLAS':>8s} {'Triton':>8s} {'best/cuBLAS':>11s}  best cfg")
+    for r in res["cases"]:
+        g = lambda key: r.get(key, float("nan"))
+        print(f"{'x'.join(map(str, r['shape'])):>18s} {g('mosaic_block_heuristic_tflops'):8.1f} "
+              f"{g('mosaic_block_best_tflops'):8.1f} {g('cublas_block128_tflops'):8.1f} {g('triton_block_tflops'):8.1f} "
+              f"{g('best_vs_cublas'):11.3f}  {r.get('mosaic_block_best_cfg', '')}")
+    print("correctness:", "all ok" if ok else "FAILURES (see 'check' in the JSON)")
+    dump()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

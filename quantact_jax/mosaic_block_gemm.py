@@ -1,0 +1,304 @@
+"""Mosaic GPU (Hopper) DeepSeek block-scaled fp8 GEMM with per-K-block promotion.
+
+``out[m, n] = sum_kb sa[m, kb] * sb[n // 128, kb] * sum_{k in kb} a[m, k] * b[n, k]  (+ bias[n])``
+
+with activation groups 1x128 (``sa [M, K/128]`` f32) and weight blocks 128x128
+(``sb [N/128, K/128]`` f32), weights ``[N, K]`` (K-major). Same skeleton as
+:mod:`quantact_jax.mosaic_gemm` (persistent grid of one CTA per SM, a TMA pipeline fed by a
+memory warpgroup through ``plgpu.emit_pipeline_warp_specialized``, two compute warpgroups
+issuing wgmma with B read transposed from SMEM, an SMEM + TMA epilogue), and DeepGEMM's
+"promotion" in the main loop: for every 128-wide K block each compute warpgroup
+
+1. zeroes its tensor-core accumulator (``plgpu.ACC``) and issues one wgmma ``[wm, 128] x
+   [128, wn]`` into it (the tensor core's fast fp8 accumulation, ~14 mantissa bits, over only
+   128 products of K: four k=32 instructions),
+2. waits for it, and
+3. adds ``partial * (sa[rows, kb] * sb[nblock, kb])`` into an f32 running sum that lives in
+   registers (the pipeline carry), one FMA per element.
+
+The epilogue adds the bias in f32 and rounds once to bf16/fp16/f32.
+
+Registers: a compute warpgroup holds the wgmma accumulator (``wm*wn/128`` f32 per thread)
+and ``n_sub`` running sums of the same size: ``(1 + n_sub) * wm * wn / 128`` registers per
+thread. With two compute warpgroups and a 40-register memory warpgroup each compute thread
+may use up to 232 registers, so (64 x 128, n_sub=1) takes 128 and (64 x 128, n_sub=2) takes
+192 registers of accumulators. A warpgroup's ``n_sub`` column sub-tiles run one after the
+other through the same wgmma accumulator, each with its own weight-block scale.
+
+Scales:
+- ``sa`` is transposed in the wrapper to ``[K/128, Mp/wm, wm]`` (M contiguous), so every K
+  step needs one contiguous ``[cta_m]`` slice; it travels through the pipeline as a third
+  input (one small TMA per stage) and is read in the wgmma row layout
+  (``Layout.WGMMA.reduce(1)``).
+- ``sb`` rows (``[K/128]`` f32, padded to a multiple of 32 = 128 bytes for TMA) are staged per
+  output tile and per sub-tile into SMEM while the pipeline fills; the body reads one scalar
+  per K step.
+
+Requirements (:func:`supports`): ``K % 128 == 0``, ``N % 128 == 0``, ``K <= 32768`` (one TMA
+box of sb), M arbitrary (rows padded to a multiple of 8 and at least one tile, as
+``mosaic_gemm`` does). No interpret mode (the Mosaic interpreter does not run fp8 transposed
+wgmma); the CPU tests trace and cross-lower the kernel, the GPU tests run it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from interop.layout import cdiv
+from quantact_jax.mosaic_gemm import SMEM_LIMIT, _pad
+
+F32 = jnp.float32
+BLOCK = 128  # DeepSeek scale block (K step and weight-block height)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBlockConfig:
+    """Per-warpgroup tile ``wg_m x (n_sub * wg_n)`` (``n_sub`` sub-tiles of ``wg_n`` columns run
+    one after the other through one wgmma accumulator), the two compute warpgroups stacked along
+    ``wg_dim`` ("m" or "n"); the K step is always 128 (one scale block). ``stages``: pipeline
+    depth; epilogue sub-tile ``epi_tile_m x epi_tile_n`` through ``epi_slots`` SMEM buffers per
+    warpgroup (2 lets a store overlap the next sub-tile's write); tile order as ``MosaicConfig``."""
+
+    wg_m: int = 64
+    wg_n: int = 128
+    n_sub: int = 2
+    wg_dim: str = "m"
+    stages: int = 4
+    epi_tile_m: int = 64
+    epi_tile_n: int = 64
+    epi_slots: int = 2
+    grid_minor_n: bool = False
+    grid_tile_width: int = 8
+
+    @property
+    def tile_k(self) -> int:
+        return BLOCK
+
+    @property
+    def cta_m(self) -> int:
+        return self.wg_m * (2 if self.wg_dim == "m" else 1)
+
+    @property
+    def wg_cols(self) -> int:
+        return self.wg_n * self.n_sub
+
+    @property
+    def cta_n(self) -> int:
+        return self.wg_cols * (2 if self.wg_dim == "n" else 1)
+
+    def acc_registers(self) -> int:
+        """f32 accumulator registers per compute thread: the wgmma one + the running sums."""
+        return (1 + self.n_sub) * self.wg_m * self.wg_n // 128
+
+    def smem_bytes(self, out_itemsize: int = 2, k: int = 0) -> int:
+        per_stage = (self.cta_m + self.cta_n) * BLOCK + self.cta_m * 4  # A, B fp8 + sa f32
+        kbp = cdiv(max(k // BLOCK, 1), 32) * 32
+        vectors = 2 * self.n_sub * (kbp + self.wg_n) * 4  # sb rows and bias per warpgroup, f32
+        epi = 2 * self.epi_slots * self.epi_tile_m * self.epi_tile_n * out_itemsize
+        return self.stages * per_stage + epi + vectors
+
+    def valid(self) -> bool:
+        return (self.wg_dim in ("m", "n") and self.wg_m in (64, 128) and self.wg_n in (64, 128)
+                and self.n_sub in (1, 2) and self.acc_registers() <= 192 and self.stages >= 2
+                and self.epi_slots in (1, 2)
+                and self.wg_m % self.epi_tile_m == 0 and self.wg_n % self.epi_tile_n == 0)
+
+
+def heuristic_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16) -> MosaicBlockConfig:
+    """128x256 CTA tiles (each compute warpgroup 64 rows x two 128-column sub-tiles: 192
+    accumulator registers), 4 stages (194 KiB of operands), so one epilogue buffer per
+    warpgroup; f32 outputs use 32-wide epilogue tiles (128-byte swizzled rows). Small M (<= 64):
+    one 64-row tile, 64 x 256 CTA tiles (warpgroups side by side along N) with a deeper
+    pipeline. Untuned: bench/mosaic_block_gpu.py sweeps the alternatives."""
+    size = jnp.dtype(out_dtype).itemsize
+    en = min(128 // size, 64)
+    if m <= 64:
+        cfg = MosaicBlockConfig(wg_m=64, wg_n=128, n_sub=1, wg_dim="n", stages=6, epi_tile_n=en)
+    else:
+        cfg = MosaicBlockConfig(epi_tile_n=en)
+    return fit_smem(cfg, k, size)
+
+
+def fit_smem(cfg: MosaicBlockConfig, k: int, out_itemsize: int = 2) -> MosaicBlockConfig:
+    """``cfg`` with one epilogue buffer, then fewer stages (down to 2), until it fits in SMEM."""
+    if cfg.smem_bytes(out_itemsize, k) > SMEM_LIMIT:
+        cfg = dataclasses.replace(cfg, epi_slots=1)
+    while cfg.smem_bytes(out_itemsize, k) > SMEM_LIMIT and cfg.stages > 2:
+        cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
+    return cfg
+
+
+def supports(m: int, n: int, k: int, out_dtype, cfg: MosaicBlockConfig | None = None) -> bool:
+    """True when the kernel can run this problem (block-scaling shapes, TMA limits, SMEM)."""
+    cfg = cfg or heuristic_config(m, n, k, out_dtype)
+    size = jnp.dtype(out_dtype).itemsize
+    return (m >= 1 and k % BLOCK == 0 and n % BLOCK == 0 and 0 < k <= 256 * BLOCK and size in (2, 4)
+            and cfg.valid() and cfg.epi_tile_n * size <= 128 and cfg.smem_bytes(size, k) <= SMEM_LIMIT)
+
+
+def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: MosaicBlockConfig):
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    m, k = a_gmem.shape
+    n = b_gmem.shape[0]
+    kbp = sb_gmem.shape[1]
+    out_dtype = out_gmem.dtype
+    wm, wn, n_sub = cfg.wg_m, cfg.wg_n, cfg.n_sub
+    cta_m, cta_n, tk = cfg.cta_m, cfg.cta_n, BLOCK
+    split_m = cfg.wg_dim == "m"
+    swizzle = plgpu.find_swizzle(tk * 8)  # fp8: one byte per element, 128-byte rows
+    transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
+    m_iters, n_iters, k_iters = cdiv(m, cta_m), cdiv(n, cta_n), k // tk
+    em, en = cfg.epi_tile_m, cfg.epi_tile_n
+    itemsize = jnp.dtype(out_dtype).itemsize
+    out_swizzle = plgpu.find_swizzle(en * itemsize * 8)
+    out_transforms = (plgpu.TilingTransform((8, out_swizzle // itemsize)), plgpu.SwizzleTransform(out_swizzle))
+    n_epi = (wm // em) * (n_sub * wn // en)
+    n_slots = min(cfg.epi_slots, n_epi)
+    wgs_m = cta_m // wm  # warpgroup row blocks per CTA (2 when the warpgroups split M)
+    row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+    has_bias = bias_gmem is not None
+
+    def pipeline(body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(k_iters,), memory_registers=40,
+            in_specs=[plgpu.BlockSpec((cta_m, tk), lambda ki: (0, ki), transforms=transforms,
+                                      memory_space=plgpu.SMEM),
+                      plgpu.BlockSpec((cta_n, tk), lambda ki: (0, ki), transforms=transforms,
+                                      memory_space=plgpu.SMEM),
+                      # this K block's activation scales of the CTA's rows: [1, wgs_m, wm] f32
+                      plgpu.BlockSpec((1, wgs_m, wm), lambda ki: (ki, 0, 0), memory_space=plgpu.SMEM)],
+            wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=cfg.stages, compute_context=compute_context)
+
+    ignore = lambda *_, **__: None  # allocations do not depend on the bodies
+    sa_view = lambda mi: sa_gmem.at[:, pl.ds(mi * wgs_m, wgs_m), :]
+    nv = n_sub * (2 if has_bias else 1)  # vectors staged per warpgroup and tile: sb rows (, bias)
+
+    @functools.partial(pl.run_scoped,
+                       allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem, sa_view(0)),
+                       out_smem=plgpu.SMEM((2, n_slots, em, en), out_dtype, transforms=out_transforms),
+                       sb_smem=plgpu.SMEM((2, n_sub, kbp), F32),
+                       bias_smem=plgpu.SMEM((2, n_sub, wn), F32),
+                       bars=plgpu.Barrier(num_barriers=2 * nv), collective_axes="wg")
+    def _scope(allocs, out_smem, sb_smem, bias_smem, bars):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+        def _tiles(info):
+            (lin,) = info.index
+            mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1 if cfg.grid_minor_n else 0,
+                                        cfg.grid_tile_width)
+            m_sl = pl.ds(mi * cta_m, cta_m)
+            # this warpgroup's first output row and column
+            r0 = mi * cta_m + (wg * wm if split_m else 0)
+            c0 = ni * cta_n + (0 if split_m else wg * n_sub * wn)
+
+            def compute_context(run):
+                # sb rows (and the bias) of this tile's weight blocks travel by TMA into SMEM
+                # while the pipeline fills; the sb rows are awaited before the first K step.
+                for j in range(n_sub):
+                    plgpu.copy_gmem_to_smem(sb_gmem.at[(c0 + j * wn) // BLOCK], sb_smem.at[wg, j],
+                                            bars.at[wg * nv + j])
+                    if has_bias:
+                        plgpu.copy_gmem_to_smem(bias_gmem.at[pl.ds(c0 + j * wn, wn)], bias_smem.at[wg, j],
+                                                bars.at[wg * nv + n_sub + j])
+                for j in range(n_sub):
+                    plgpu.barrier_wait(bars.at[wg * nv + j])
+
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((wm, wn), F32))
+                def _acc(acc_ref):
+                    zero = plgpu.layout_cast(jnp.zeros((wm, wn), F32), plgpu.Layout.WGMMA)
+                    _, sums = run((acc_ref, (zero,) * n_sub))
+                    if has_bias:
+                        for j in range(n_sub):
+                            plgpu.barrier_wait(bars.at[wg * nv + n_sub + j])
+                    outs = []
+                    for j in range(n_sub):
+                        o = sums[j]
+                        if has_bias:
+                            o = o + lax.broadcast_in_dim(plgpu.load(bias_smem.at[wg, j], (), layout=col),
+                                                         (wm, wn), [1])
+                        outs.append(o.astype(out_dtype))
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores
+                    t = 0
+                    for j in range(n_sub):
+                        for ei in range(wm // em):
+                            for ej in range(wn // en):
+                                slot = t % n_slots
+                                t += 1
+                                plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)
+                                out_smem[wg, slot] = outs[j][ei * em:(ei + 1) * em, ej * en:(ej + 1) * en]
+                                plgpu.commit_smem()
+                                plgpu.copy_smem_to_gmem(
+                                    out_smem.at[wg, slot],
+                                    out_gmem.at[pl.ds(r0 + ei * em, em), pl.ds(c0 + j * wn + ej * en, en)])
+
+            def body(idx, a_smem, b_smem, sa_smem, carry):
+                (ki,) = idx
+                acc_ref, sums = carry
+                a_wg = a_smem.at[pl.ds(wg * wm, wm)] if split_m else a_smem
+                # this K block's activation scales of the warpgroup's rows, in the wgmma row layout
+                sa = plgpu.load(sa_smem.at[0, wg if split_m else 0], (), layout=row)
+                new = []
+                for j in range(n_sub):
+                    boff = (0 if split_m else wg * n_sub * wn) + j * wn
+                    acc_ref[...] = plgpu.layout_cast(jnp.zeros((wm, wn), F32), plgpu.Layout.WGMMA)
+                    plgpu.wgmma(acc_ref, a_wg, b_smem.at[pl.ds(boff, wn)].T)
+                    part = acc_ref[...]  # waits for the wgmma (wait_n=0)
+                    s = sa * sb_smem[wg, j, ki]  # [wm] row scales of this weight block
+                    new.append(sums[j] + part * lax.broadcast_in_dim(s, (wm, wn), [0]))
+                return acc_ref, tuple(new)
+
+            pipeline(body, compute_context)(a_gmem.at[m_sl, :], b_gmem.at[pl.ds(ni * cta_n, cta_n), :],
+                                            sa_view(mi), allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def scaled_mm_block(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array, bias: jax.Array | None, out_dtype,
+                    cfg: MosaicBlockConfig | None = None) -> jax.Array:
+    """``a [M, K] fp8``, ``b [N, K] fp8``, ``sa [M, K/128]`` f32 (row-major, 1x128 groups),
+    ``sb [N/128, K/128]`` f32 (128x128 blocks), ``bias [N]`` or None -> ``[M, N]`` in
+    ``out_dtype``. Call :func:`supports` first."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    m, k = a.shape
+    n = b.shape[0]
+    cfg = cfg or heuristic_config(m, n, k, out_dtype)
+    if not supports(m, n, k, out_dtype, cfg):
+        raise ValueError(f"the Mosaic block GEMM does not take M={m} N={n} K={k} out {jnp.dtype(out_dtype)} "
+                         f"with {cfg}")
+    kb, nb = k // BLOCK, n // BLOCK
+    if sa.shape != (m, kb) or sb.shape != (nb, kb):
+        raise ValueError(f"block scales must be sa [{m}, {kb}] and sb [{nb}, {kb}], got {sa.shape}, {sb.shape}")
+    rows = max(cfg.cta_m, cdiv(m, 8) * 8)  # TMA tiles rows by 8; at least one whole M tile
+    if rows != m:
+        a = jnp.pad(a, ((0, rows - m), (0, 0)))
+    mp = cdiv(rows, cfg.cta_m) * cfg.cta_m
+    np_ = cdiv(n, cfg.cta_n) * cfg.cta_n
+    # sa^T, M contiguous, padded rows scale 0: [KB, Mp / wg_m, wg_m]
+    sa_t = jnp.pad(sa.astype(F32).T, ((0, 0), (0, mp - m))).reshape(kb, mp // cfg.wg_m, cfg.wg_m)
+    # sb rows padded to 128 bytes (each row is a TMA destination in SMEM, which wants 128-byte
+    # alignment) and to whole CTA tiles of N
+    kbp = cdiv(kb, 32) * 32
+    sb_p = jnp.pad(sb.astype(F32), ((0, cdiv(np_, BLOCK) - nb), (0, kbp - kb)))
+    args = [a, b, sa_t, sb_p] + ([_pad(bias.astype(F32).reshape(-1), np_)] if bias is not None else [])
+    num_sms = getattr(jax.devices()[0], "core_count", 132)  # one persistent CTA per SM
+
+    def body(a_gmem, b_gmem, sa_gmem, sb_gmem, *rest):
+        bias_gmem = rest[0] if bias is not None else None
+        _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, rest[-1], cfg=cfg)
+
+    f = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((rows, n), out_dtype), grid=(num_sms,),
+                     grid_names=("sm",), num_threads=3, thread_name="wg",
+                     compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    return f(*args)[:m]
+
+
+__all__ = ["MosaicBlockConfig", "fit_smem", "heuristic_config", "scaled_mm_block", "supports"]

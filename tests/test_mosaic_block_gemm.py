@@ -1,0 +1,225 @@
+"""Mosaic GPU block-scaled fp8 GEMM (quantact_jax.mosaic_block_gemm) vs the reference consumer.
+
+On CPU only the tracing and the CUDA cross-lowering (Pallas -> Mosaic GPU, layout inference
+included) are checked; the numerical tests need a Hopper GPU.
+
+Tolerance (elementwise, on top of one output ulp and 1e-5 of the output scale): each K block's
+partial sum ``sum_{k in kb} a_k b_k`` runs through the tensor core's fp8 accumulator, which
+keeps about 14 mantissa bits (DeepSeek-V3 report, 3.3.2; tests/test_consumers.py ``_check``).
+A 128-wide block is four k=32 wgmma steps, each losing at most 2^-13 of the running magnitude,
+which is bounded by ``sum_{k in kb} |a_k b_k|``; so the block's partial is off by at most
+``4 * 2^-13 * sum_{k in kb} |a_k b_k|``. The partial is then scaled (``sa * sb``, exact up to
+one f32 rounding) and promoted into an f32 running sum, which adds ``2^-24`` of the running
+magnitude per block. Summed over the blocks (with the dequantised magnitudes ``|a| = |q_a| sa``,
+``|b| = |q_b| sb``):
+
+    |err| <= (4 * 2^-13 + (K/128 + 2) * 2^-24) * (|a| @ |b|^T)
+
+i.e. a bound that does not grow with K (whole-K fast accumulation, as in ``mosaic_gemm``,
+gets ``K/32 * 2^-13``). Norm-wise the issue's 1e-3 (2e-3 for 16-bit outputs, whose ulp flips
+dominate, as in test_consumers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from interop.keys import kFp8Dynamic128Sym
+from interop.weights import WEIGHT_BLOCK_128
+from quantact_jax import mosaic_block_gemm as MB
+from quantact_jax import producers as P
+from quantact_jax import reference as R
+
+CPU = jax.devices("cpu")[0]
+GPU = jax.default_backend() == "gpu"
+HOPPER = GPU and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
+
+C = MB.MosaicBlockConfig
+CONFIGS = {  # every tile arrangement the kernel has
+    "128x256": C(),
+    "128x128": C(n_sub=1, stages=5),
+    "64x256-wgN": C(wg_dim="n", n_sub=1, stages=5),
+    "128x128-wg128x64": C(wg_m=128, wg_n=64, n_sub=1, stages=5),
+    "128x256-wgN-128x64x2": C(wg_m=128, wg_n=64, n_sub=2, wg_dim="n", stages=4),
+    "128x128-wg64x64x2": C(wg_n=64, n_sub=2, stages=5),
+}
+
+
+def _problem(m, n, k, bias, seed=0):
+    rng = np.random.default_rng(seed + m * 1000 + n + k)
+    x = jnp.asarray(rng.standard_normal((m, k)) * rng.uniform(0.5, 2.0, (m, 1)), jnp.bfloat16)
+    wf = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    ws = (np.abs(wf).max() / 448 * rng.uniform(0.8, 1.2, (n // 128, k // 128))).astype(np.float32)
+    with jax.default_device(CPU):
+        wq = R.quantize(jnp.asarray(wf), WEIGHT_BLOCK_128, scale=ws).data
+    qa = P.quantize(x, kFp8Dynamic128Sym)
+    b = jnp.asarray(rng.standard_normal(n), jnp.float32) if bias else None
+    return qa, np.asarray(wq), ws, b
+
+
+def _check(got, qa, wq, ws, b, out_dtype):
+    got = np.asarray(got, np.float32)
+    m, k = qa.orig_shape
+    kb = k // 128
+    with jax.default_device(CPU):
+        qa_cpu = jax.device_put(qa, CPU)
+        want = np.asarray(R.scaled_mm(qa_cpu, jnp.asarray(wq), jnp.asarray(ws), WEIGHT_BLOCK_128, bias=b,
+                                      out_dtype=out_dtype), np.float32)
+    sa = np.asarray(qa.scale, np.float32).reshape(m, kb)
+    a_abs = (np.abs(np.asarray(qa.data, np.float32)).reshape(m, kb, 128) * sa[:, :, None]).reshape(m, k)
+    b_abs = (np.abs(np.asarray(wq, np.float32)).reshape(-1, 128, kb, 128)
+             * ws[:, None, :, None]).reshape(-1, k)
+    slack = (4 * 2.0 ** -13 + (kb + 2) * 2.0 ** -24) * (a_abs @ b_abs.T)  # module docstring
+    scale = np.abs(want).max()
+    ulp = 2.0 ** -{jnp.dtype(jnp.bfloat16): 7, jnp.dtype(jnp.float16): 10, jnp.dtype(jnp.float32): 23}[
+        jnp.dtype(out_dtype)]
+    assert got.shape == want.shape
+    assert np.isfinite(got).all(), "unwritten (poisoned) or non-finite outputs"
+    err = np.abs(got - want)
+    bound = np.maximum(np.abs(want), np.abs(got)) * ulp + 1e-5 * scale + slack
+    assert (err <= bound).all(), f"max excess {np.max(err - bound)} at {np.unravel_index(np.argmax(err - bound), err.shape)}"
+    norm_tol = 2e-3 if jnp.dtype(out_dtype).itemsize == 2 else 1e-3
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < norm_tol
+
+
+def _run(qa, wq, ws, b, out_dtype, cfg=None):
+    """The kernel, after freeing a NaN-filled buffer of the output's size: the allocator
+    usually hands that memory to the output, so unwritten elements show up as NaN (plgpu.kernel
+    allocates its output itself; it cannot be poisoned directly)."""
+    m, k = qa.orig_shape
+    n = wq.shape[0]
+    poison = jnp.full((max(m, 128), n), jnp.nan, out_dtype).block_until_ready()
+    del poison
+    return MB.scaled_mm_block(qa.data, jnp.asarray(wq), jnp.asarray(qa.scale, jnp.float32).reshape(m, k // 128),
+                              jnp.asarray(ws), b, out_dtype, cfg)
+
+
+def _abstract_args(m, n, k, bias):
+    S = jax.ShapeDtypeStruct
+    args = [S((m, k), jnp.float8_e4m3fn), S((n, k), jnp.float8_e4m3fn), S((m, k // 128), jnp.float32),
+            S((n // 128, k // 128), jnp.float32)]
+    return args + ([S((n,), jnp.float32)] if bias else [])
+
+
+# ------------------------------------------------------------------ CPU: trace + cross-lower
+@pytest.mark.parametrize("name", list(CONFIGS) + ["heuristic"])
+@pytest.mark.parametrize("m,n,k,bias,out_dtype", [(200, 384, 640, True, jnp.bfloat16),
+                                                   (5, 256, 256, False, jnp.float32),
+                                                   (4096, 4096, 4096, False, jnp.bfloat16)], ids=str)
+def test_kernel_traces_and_lowers_for_cuda(name, m, n, k, bias, out_dtype):
+    size = jnp.dtype(out_dtype).itemsize
+    if name == "heuristic":
+        cfg = MB.heuristic_config(m, n, k, out_dtype)
+    else:
+        cfg = MB.fit_smem(C(**{**CONFIGS[name].__dict__, "epi_tile_n": min(64, 128 // size)}), k, size)
+    assert MB.supports(m, n, k, out_dtype, cfg), cfg
+    f = jax.jit(lambda a, b, sa, sb, *r: MB.scaled_mm_block(a, b, sa, sb, r[0] if r else None, out_dtype, cfg))
+    traced = f.trace(*_abstract_args(m, n, k, bias))
+    assert traced.out_info.shape == (m, n) and traced.out_info.dtype == out_dtype
+    # Pallas -> Mosaic GPU lowering, layout inference included, without a GPU
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_configs_fit_and_supports():
+    for cfg in CONFIGS.values():
+        assert cfg.valid() and cfg.acc_registers() <= 192
+    cfg = MB.heuristic_config(4096, 4096, 4096)
+    assert (cfg.cta_m, cfg.cta_n, cfg.acc_registers()) == (128, 256, 192)
+    assert cfg.smem_bytes(2, 4096) <= MB.SMEM_LIMIT
+    assert MB.supports(200, 384, 640, jnp.bfloat16)
+    assert not MB.supports(200, 320, 640, jnp.bfloat16)  # N % 128
+    assert not MB.supports(200, 384, 600, jnp.bfloat16)  # K % 128
+    assert not MB.supports(200, 384, 640, jnp.float8_e4m3fn)
+    assert not MB.supports(200, 384, 640, jnp.bfloat16, C(wg_m=128, wg_n=128))  # 256 registers
+    assert not MB.supports(4096, 4096, 4096, jnp.bfloat16, C(stages=6))  # SMEM
+
+
+def test_bad_scale_shapes_fail_loudly():
+    S = jax.ShapeDtypeStruct
+    with pytest.raises(ValueError, match="block scales"):
+        jax.jit(lambda a, b, sa, sb: MB.scaled_mm_block(a, b, sa, sb, None, jnp.bfloat16)).trace(
+            S((256, 256), jnp.float8_e4m3fn), S((256, 256), jnp.float8_e4m3fn), S((2, 256), jnp.float32),
+            S((2, 2), jnp.float32))
+
+
+# ------------------------------------------------------------------ GPU: numerics
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Mosaic block GEMM needs a Hopper GPU")
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("m,n,k", [(200, 384, 640), (5, 256, 256), (130, 640, 384), (1031, 1536, 1024),
+                                   (4096, 4096, 4096)], ids=str)
+def test_block_gemm_matches_reference(m, n, k, bias, out_dtype):
+    qa, wq, ws, b = _problem(m, n, k, bias)
+    assert MB.supports(m, n, k, out_dtype)
+    got = _run(qa, wq, ws, b, out_dtype)
+    _check(got, qa, wq, ws, b, out_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Mosaic block GEMM needs a Hopper GPU")
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_block_gemm_configs(name):
+    m, n, k = 300, 768, 1152
+    qa, wq, ws, b = _problem(m, n, k, True, seed=1)
+    cfg = MB.fit_smem(CONFIGS[name], k)
+    got = _run(qa, wq, ws, b, jnp.bfloat16, cfg)
+    _check(got, qa, wq, ws, b, jnp.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Mosaic block GEMM needs a Hopper GPU")
+def test_nan_scale_reaches_exactly_its_block():
+    # A NaN weight-block scale poisons exactly the 128 output columns of that block (all rows):
+    # checks the sb indexing per warpgroup / sub-tile, and that no other column reads it.
+    m, n, k = 200, 768, 640
+    qa, wq, ws, _ = _problem(m, n, k, False, seed=2)
+    sb = ws.copy()
+    sb[3, 2] = np.nan  # weight rows 384..511, K block 2
+    run = lambda s: np.asarray(_run(qa, wq, s, None, jnp.float32, MB.heuristic_config(m, n, k, jnp.float32)))
+    got, ref = run(sb), run(ws)
+    nan = np.isnan(got)
+    assert nan[:, 384:512].all() and not np.delete(nan, np.s_[384:512], axis=1).any()
+    assert (np.delete(got, np.s_[384:512], axis=1) == np.delete(ref, np.s_[384:512], axis=1)).all()
+
+
+def _truncate(x, bits):
+    """Round toward zero to ``bits`` mantissa bits (the worst case of the fast accumulator)."""
+    m, e = np.frexp(x.astype(np.float64))
+    return (np.trunc(m * 2.0 ** bits) / 2.0 ** bits * 2.0 ** e).astype(np.float32)
+
+
+@pytest.mark.parametrize("m,n,k,bias,out_dtype", [(200, 384, 640, True, jnp.bfloat16),
+                                                   (64, 256, 2048, False, jnp.float32)], ids=str)
+def test_tolerance_admits_the_kernels_arithmetic(m, n, k, bias, out_dtype):
+    # A numpy model of the kernel: per 128-block partials over four k=32 steps, each step's
+    # running value truncated to 13 mantissa bits (worse than the tensor core's ~14), scaled and
+    # promoted into an f32 sum; bias in f32; one rounding. It must pass _check, and a model that
+    # accumulates the whole K that coarsely must not (the bound is not vacuous).
+    qa, wq, ws, b = _problem(m, n, k, bias)
+    kb = k // 128
+    qa_f = np.asarray(qa.data, np.float32).reshape(m, kb, 4, 32)
+    wq_f = np.asarray(wq, np.float32).reshape(n, kb, 4, 32)
+    sa = np.asarray(qa.scale, np.float32).reshape(m, kb)
+    steps = np.einsum("mbsk,nbsk->bsmn", qa_f, wq_f)  # exact in f32 (fp8 products, 32 terms)
+    run = np.zeros((m, n), np.float32)
+    for j in range(kb):
+        part = np.zeros((m, n), np.float32)
+        for s in range(4):
+            part = _truncate(part + steps[j, s], 13)
+        scale = sa[:, j][:, None] * np.repeat(ws[:, j], 128)[None, :]
+        run = (run + part * scale).astype(np.float32)
+    out = run + (np.asarray(b, np.float32) if b is not None else 0)
+    _check(jnp.asarray(out).astype(out_dtype), qa, wq, ws, b, out_dtype)
+    # whole-K coarse accumulation (no promotion) with 10 bits is outside the bound
+    coarse = np.zeros((m, n), np.float32)
+    for j in range(kb):
+        scale = sa[:, j][:, None] * np.repeat(ws[:, j], 128)[None, :]
+        for s in range(4):
+            coarse = _truncate(coarse + steps[j, s] * scale, 10)
+    with pytest.raises(AssertionError):
+        _check(jnp.asarray(coarse).astype(out_dtype), qa, wq, ws, None, out_dtype)
