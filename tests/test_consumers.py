@@ -134,6 +134,24 @@ def test_mosaic_matches_references(m, n, k, akey, wmode, bias, out_dtype):
     _check(got, qa, wq, ws, wk, b, out_dtype, fast_accum=True)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Mosaic decode GEMM needs a Hopper GPU")
+@pytest.mark.parametrize("out_dtype", [None, jnp.float16, jnp.float32], ids=["bf16", "f16", "f32"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("akey,wmode", CASES[:4], ids=[f"{a.scale.group_shape}-{w}" for a, w in CASES[:4]])
+@pytest.mark.parametrize("m,n,k,cfg", [
+    (1, 1032, 768, None), (5, 520, 1024, None), (16, 4104, 512, None), (33, 1024, 2048, None), (64, 776, 1280, None),
+    (7, 1040, 1024, C.mosaic_gemm.DecodeConfig(split_k=4)), (24, 1024, 512, C.mosaic_gemm.DecodeConfig(num_wgs=2)),
+    (40, 1096, 768, C.mosaic_gemm.DecodeConfig(tile_n=128, stages=4)),
+    (9, 512, 1024, C.mosaic_gemm.DecodeConfig(tile_k=256, stages=4, split_k=2))], ids=str)
+def test_mosaic_decode_matches_references(m, n, k, cfg, akey, wmode, bias, out_dtype):
+    # swap-AB: N (the wgmma M side) not a multiple of the 64/128-row tiles, M padded to 16, split K
+    qa, wq, ws, wk, b = _problem(m, n, k, akey, wmode, bias)
+    assert C.mosaic_gemm.decode_supports(m, n, k, jnp.bfloat16, cfg)
+    got = C.scaled_mm(qa, wq, ws, bias=b, out_dtype=out_dtype, input_quant_key=akey, backend="mosaic", config=cfg)
+    _check(got, qa, wq, ws, wk, b, out_dtype, fast_accum=True)
+
+
 def test_plain_array_is_quantized_with_the_key_and_matches_prequantized():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, 3, 256)), jnp.bfloat16)  # leading dims kept
