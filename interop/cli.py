@@ -37,13 +37,17 @@ def _keys(_: argparse.Namespace) -> int:
     print("\nConsumer quantact_jax.consumers.scaled_mm (fp8 weights [N, K]) takes activations keyed "
           "kFp8StaticTensorSym / kFp8DynamicTensorSym (per-tensor), kFp8DynamicTokenSym / kFp8StaticTokenSym "
           "(per-token) with per-tensor or per-channel weight scales, and kFp8Dynamic128Sym (row-major) with "
-          "128x128 weight blocks. NVFP4/MX consumers: reference only (quantact_jax.reference.scaled_mm).")
+          "128x128 weight blocks. NVFP4 / MXFP8 / MXFP4 activations (row-major or swizzled_128x4 scales) go to "
+          "quantact_jax.dequant_gemm (routed by consumers.scaled_mm): weights of the same format (uint8 [N, K/2] "
+          "packed e2m1 or e4m3 [N, K]) with row-major e4m3 [N, K/16] (NVFP4, plus both global scales) or e8m0 "
+          "[N, K/32] (MX) scales, K tiles dequantised in-kernel, bf16 dot with f32 accumulation.")
     print("\nQuantLinear (quantact_jax.layers / quantact_torch.layers) loads vLLM / compressed-tensors state dicts and "
           "exposes its input key: fp8 weights [N, K] with per-tensor (1,), per-channel (N, 1) or 128x128-block "
           "weight_scale take per-tensor (static with input_scale, or dynamic), dynamic per-token or 1x128-group "
           "activations (JAX backends: pallas, xla, reference; torch: reference, torch._scaled_mm on CUDA); NVFP4 "
           "weights uint8 [N, K/2] with e4m3 [N, K/16] scales and global scales take kNvfp4Dynamic activations "
-          "(reference GEMM only, both frameworks).")
+          "(JAX: the Pallas dequantising GEMM by default, or reference; torch: reference). MX layers: the JAX "
+          "raw constructor with interop.weights.WEIGHT_MXFP8 / WEIGHT_MXFP4 (no state-dict loading yet).")
     return 0
 
 
