@@ -278,10 +278,10 @@ def test_gpu_realistic_shape(act, m):
     """256 x 4096 x 4096 (prefill tile path) and 16 x 4096 x 4096 (split-K decode path), compiled."""
     _, qa, wq, ws, wkey, b, gs = _problem((m,), 4096, 4096, act, True, seed=4)
     dev = jax.devices()[0]
-    qa_d, wq_d, ws_d = jax.device_put((qa, wq, ws), dev)
+    qa_d, wq_d, ws_d, b_d = jax.device_put((qa, wq, ws, b), dev)
     fn = jax.jit(lambda a, w, s, bb: D.scaled_mm(a, w, s, input_quant_key=ACT_KEYS[act], bias=bb, _poison=True, **gs))
-    got = jax.block_until_ready(fn(qa_d, wq_d, ws_d, b))
+    got = jax.block_until_ready(fn(qa_d, wq_d, ws_d, b_d))
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(qa_d, wq_d, ws_d, b))
+    jax.block_until_ready(fn(qa_d, wq_d, ws_d, b_d))
     print(f"{act} {m}x4096x4096: {(time.perf_counter() - t0) * 1e3:.3f} ms")
     _check(got, qa, wq, ws, wkey, b, gs, jnp.bfloat16)
