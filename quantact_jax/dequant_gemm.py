@@ -25,7 +25,7 @@ exact in bf16 (8-bit significand; f32's exponent range). The products of two bf1
 exact in f32 (16 <= 24 bits). The kernel therefore computes exactly the f32 products of the
 dequantised values and differs from :func:`quantact_jax.reference.scaled_mm` only in (1) the
 f32 summation order and (2) where the NVFP4 global scales enter: the reference rounds
-``sf / gs`` and ``e2m1 * (sf / gs)`` per operand (up to 4 f32 roundings per product), the
+``sf / gs`` and ``e2m1 * (sf / gs)`` per operand and their product (up to 5 f32 roundings), the
 kernel rounds ``alpha`` (2 roundings) and ``alpha * acc`` (1). Both are bounded by a few f32
 ulps of ``sum_k |a_k b_k|``; the tests use ``2 K 2**-24 sum_k |a_k b_k|`` (two recursive sums
 of K terms) plus one output ulp. One exception to "exact": a decoded value below 2**-126 (an
