@@ -61,9 +61,11 @@ Same-framework input is returned unchanged (``to_jax(jax_array) is jax_array``);
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 from interop.dtypes import canonical_dtype
 from interop.errors import BridgeError
@@ -78,7 +80,7 @@ class BridgeCopyWarning(UserWarning):
 
 
 __all__ = ["to_jax", "to_torch", "BRIDGE_DTYPES", "BridgeCopyWarning", "BridgeError", "buffer_pointer",
-           "is_compact"]
+           "is_compact", "tensors_to_jax", "arrays_to_torch", "set_lean_dlpack", "lean_dlpack_status"]
 
 
 # ---- helpers ----------------------------------------------------------------------------
@@ -268,6 +270,246 @@ def _qa_to_torch(qa: Any, copy: bool | None, validate: bool):
     out = TorchQA(td, scale_from_storage(ts, qa.quant_key, qa.orig_shape),
                   torch_dtype(canonical_dtype(qa.orig_dtype)), qa.orig_shape, qa.quant_key)
     return out.validate() if validate else out
+
+
+# ---- several tensors per call: the lean path (the torch ops' per-call crossing) ----------
+#
+# ``jax.dlpack.from_dlpack`` spends most of its time in Python around two C calls: torch's
+# ``__dlpack__(stream=...)`` (which, on CUDA, builds an ExternalStream and an Event per tensor) and
+# jaxlib's ``dlpack_managed_tensor_to_buffer``, followed by a ``jnp.asarray`` that only matters for
+# 64-bit dtypes (which the bridge refuses). The lean path calls jaxlib's import directly on
+# ``torch.utils.dlpack.to_dlpack(t)``, and on CUDA synchronises torch's current stream with JAX's
+# external-ready stream once per call instead of once per tensor. The jaxlib entry points are private:
+# they are resolved once and verified on a probe tensor per device (zero-copy, shape, dtype, device,
+# contents); if anything differs the bridge uses the public path (``to_jax`` / ``to_torch``).
+
+_LEAN_ENV = "QUANTACT_LEAN_DLPACK"  # "0" forces the public path (tests, and an escape hatch)
+_lean_state: dict[str, Any] = {"enabled": os.environ.get(_LEAN_ENV, "1") != "0", "api": None, "reason": None}
+_endpoints: dict[Any, Any] = {}     # torch.device -> _Endpoint, or None where the lean path is unusable
+_ext_streams: dict[int, Any] = {}   # JAX external-ready stream pointer -> torch.cuda.ExternalStream
+
+
+class _Endpoint(NamedTuple):
+    """One torch device as the lean path needs it (resolved once, by the public path)."""
+
+    jax_device: Any  # the device jax.dlpack.from_dlpack maps the torch device to
+    dl_type: int     # DLPack device type (kDLCPU = 1, kDLCUDA = 2)
+    cuda: bool
+
+
+def _lean_api() -> tuple[Any, Any, Any, Any] | None:
+    """(jaxlib import, jaxlib export, torch to_dlpack, torch from_dlpack), or None if this jaxlib lacks them."""
+    api = _lean_state["api"]
+    if api is None:
+        try:
+            import torch.utils.dlpack as tdl
+            from jax._src.lib import _jax  # private: the module jax.dlpack itself calls into
+
+            api = (_jax.dlpack_managed_tensor_to_buffer, _jax.buffer_to_dlpack_managed_tensor, tdl.to_dlpack,
+                   tdl.from_dlpack)
+        except (ImportError, AttributeError) as e:
+            api = False
+            _lean_state["reason"] = f"jaxlib has no lean DLPack entry points ({type(e).__name__}: {e})"
+        _lean_state["api"] = api
+    return api or None
+
+
+def set_lean_dlpack(enabled: bool) -> bool:
+    """Use (``True``, the default) or bypass (``False``) the lean path of :func:`tensors_to_jax` /
+    :func:`arrays_to_torch`; returns the previous setting. Also set by ``QUANTACT_LEAN_DLPACK=0``.
+    Re-enabling re-probes every device."""
+    prev = _lean_state["enabled"]
+    _lean_state["enabled"] = bool(enabled)
+    _endpoints.clear()
+    return prev
+
+
+def lean_dlpack_status() -> dict[str, Any]:
+    """Whether the lean path is on and, per torch device seen so far, whether its probe passed
+    (``None`` = not probed yet); ``reason`` says why the lean path is off, if it is."""
+    return {"enabled": _lean_state["enabled"], "reason": _lean_state["reason"],
+            "devices": {str(d): ep is not None for d, ep in _endpoints.items()}}
+
+
+def _cuda_stream_ptr(stream: Any) -> int:
+    """The DLPack value of a torch CUDA stream: its pointer, 1 for the legacy default stream (as
+    ``torch.from_dlpack`` passes it)."""
+    ptr = stream.cuda_stream
+    return 1 if ptr == 0 else ptr
+
+
+def _wait_for_torch(ep: _Endpoint, device: Any) -> int:
+    """Make JAX's external-ready stream wait for torch's current stream of ``device`` (what torch's
+    ``__dlpack__(stream=s)`` does: record an event on the current stream, make ``s`` wait for it);
+    returns that JAX stream, to be given to the import whose buffer carries the wait."""
+    import torch
+
+    s = ep.jax_device.get_stream_for_external_ready_events()
+    ext = _ext_streams.get(s)
+    if ext is None:
+        ext = _ext_streams[s] = torch.cuda.ExternalStream(s, device=device)
+    ext.wait_stream(torch.cuda.current_stream(device))
+    return s
+
+
+def _probe(device: Any) -> _Endpoint | None:
+    """Resolve ``device`` through the public path and check the lean path against it on a probe
+    tensor; None (and the reason recorded) if anything differs or fails."""
+    import jax
+    import numpy as np
+    import torch
+
+    api = _lean_api()
+    if api is None:
+        return None
+    imp, exp, t2d, d2t = api
+    try:
+        probe = torch.arange(64, dtype=torch.uint8, device=device)
+        ref = jax.dlpack.from_dlpack(probe)  # the public path chooses the device
+        (jdev,) = ref.devices()
+        dl_type = int(probe.__dlpack_device__()[0])
+        ep = _Endpoint(jdev, dl_type, device.type == "cuda")
+        stream = _wait_for_torch(ep, device) if ep.cuda else None
+        a = imp(t2d(probe), jdev, stream, False, dl_type)
+        ok = (isinstance(a, jax.Array) and a.devices() == {jdev} and a.shape == (64,) and a.dtype == np.uint8
+              and a.unsafe_buffer_pointer() == probe.data_ptr())
+        ok = ok and np.array_equal(np.asarray(a), np.arange(64, dtype=np.uint8))
+        back = d2t(exp(a, stream=_cuda_stream_ptr(torch.cuda.current_stream(device)) if ep.cuda else None))
+        ok = ok and back.device == probe.device and back.dtype == probe.dtype and back.data_ptr() == probe.data_ptr()
+        if not ok:
+            _lean_state["reason"] = f"lean DLPack probe on {device} disagreed with the public path"
+            return None
+        return ep
+    except Exception as e:  # noqa: BLE001 -- a private API that changed: fall back, say why
+        _lean_state["reason"] = f"lean DLPack probe on {device} failed ({type(e).__name__}: {e})"
+        return None
+
+
+def _endpoint(device: Any) -> _Endpoint | None:
+    try:
+        return _endpoints[device]
+    except KeyError:
+        ep = _endpoints[device] = _probe(device) if _lean_state["enabled"] else None
+        return ep
+
+
+def _check_tensor_for_jax(t: Any, device: Any, what: str) -> None:
+    """The checks :func:`to_jax` makes on a plain tensor, plus one device for all."""
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        raise BridgeError(f"{what} must be a torch.Tensor, got {type(t).__module__}.{type(t).__qualname__}")
+    _check_dtype(t.dtype, what)
+    if t.device.type not in ("cpu", "cuda"):
+        raise BridgeError(f"{what} is on device {t.device}; the bridge handles cpu and cuda tensors")
+    if t.device != device:
+        raise BridgeError(f"{what} is on {t.device} but the first tensor on {device}; import one device at a time")
+    if not is_compact(t.shape, t.stride()):
+        raise BridgeError(f"{what} of shape {tuple(t.shape)} has non-compact strides {tuple(t.stride())}; only "
+                          "dense layouts cross zero-copy: call .contiguous() first (or pass copy=True)")
+
+
+def tensors_to_jax(tensors: Sequence[Any], *, copy: bool | None = None, joint: bool = False,
+                   checked: bool = False) -> tuple[Any, ...]:
+    """Import several torch tensors of one device into JAX: ``tuple(to_jax(t, copy=copy) for t in
+    tensors)`` (``None`` entries stay ``None``), at a fraction of the host cost.
+
+    Same results and guarantees as :func:`to_jax` (zero-copy, the same ``BridgeError`` s and
+    ``BridgeCopyWarning``), through the lean path where it is verified: contiguous tensors are
+    imported with jaxlib's DLPack call directly (``copy=False``, so a CPU buffer XLA cannot share
+    goes through ``to_jax`` instead, which copies with a warning or raises as ``copy`` says).
+
+    Streams (CUDA): JAX's external-ready stream is made to wait for torch's current stream of the
+    tensors' device *once*, and the first tensor's import records its ready event on that stream,
+    after the wait. ``joint=False`` records it for every tensor (each array is ordered on its own).
+    ``joint=True`` records it for the first only and imports the others as ready: correct when
+    the arrays are used *together* in one JAX computation, because an execution waits for every
+    input's ready event, and the first one's already orders all torch work queued before this call
+    (the torch side made no distinction between the tensors either: the wait covers its whole
+    current stream). The torch ops use ``joint=True`` (one call, one executable).
+
+    ``checked=True`` skips the per-tensor checks (type, dtype, device, strides) for callers that
+    made them already (the torch ops validate every argument before importing).
+    """
+    tensors = tuple(tensors)
+    first = next((i for i, t in enumerate(tensors) if t is not None), None)
+    if first is None:
+        return tensors
+    if copy:
+        return tuple(None if t is None else to_jax(t, copy=True) for t in tensors)
+    device = getattr(tensors[first], "device", None)
+    if not checked:
+        for i, t in enumerate(tensors):
+            if t is not None:
+                _check_tensor_for_jax(t, device, f"tensor {i}")
+    ep = _endpoint(device)
+    if ep is None:
+        return tuple(None if t is None else to_jax(t, copy=copy) for t in tensors)
+    imp, _, t2d, _ = _lean_state["api"]
+    jdev, dl_type = ep.jax_device, ep.dl_type
+    stream = _wait_for_torch(ep, device) if ep.cuda else None
+    out = []
+    for i, t in enumerate(tensors):
+        if t is None:
+            out.append(None)
+            continue
+        s = stream if (i == first or not joint) else None
+        try:
+            if not t.is_contiguous():  # compact but permuted: the public path handles its layout
+                raise BufferError("not contiguous")
+            out.append(imp(t2d(t), jdev, s, False, dl_type))
+        except Exception:  # noqa: BLE001 -- e.g. an unaligned CPU buffer: to_jax copies/warns/raises as documented
+            out.append(to_jax(t, copy=copy))
+    return tuple(out)
+
+
+def arrays_to_torch(arrays: Sequence[Any], *, copy: bool | None = None, device: Any = None,
+                    checked: bool = False) -> tuple[Any, ...]:
+    """Export several single-device JAX arrays of one device to torch: ``tuple(to_torch(a, copy=copy)
+    for a in arrays)`` (``None`` entries stay ``None``), through the lean path where it is verified
+    (jaxlib's DLPack export, then ``torch.utils.dlpack.from_dlpack`` on the capsule).
+
+    Streams (CUDA): every export makes torch's current stream of the device wait for that array
+    (as ``torch.from_dlpack`` does); on CPU the export waits for the array on the host. ``device``
+    (the arrays' torch device) saves looking it up; ``checked=True`` skips the per-array checks
+    (concrete, not deleted, one device, dtype) for callers that know them to hold (the torch ops
+    export their executable's outputs).
+    """
+    import torch
+
+    arrays = tuple(arrays)
+    first = next((a for a in arrays if a is not None), None)
+    if first is None:
+        return arrays
+    if copy or not _is_jax_array(first):
+        return tuple(None if a is None else to_torch(a, copy=copy) for a in arrays)
+    if not checked:
+        for i, a in enumerate(arrays):
+            if a is not None:
+                if not _is_jax_array(a):
+                    raise BridgeError(f"array {i} must be a jax.Array, got {type(a).__module__}.{type(a).__qualname__}")
+                _check_concrete_jax(a, f"array {i}")
+                _check_dtype(a.dtype, f"array {i}")
+                if a.devices() != first.devices():
+                    raise BridgeError(f"array {i} is on {a.devices()} but the first on {first.devices()}")
+    if device is None:
+        (jdev,) = first.devices()
+        device = torch.device("cuda", jdev.local_hardware_id) if jdev.platform == "gpu" else torch.device("cpu")
+    ep = _endpoint(device) if device.type in ("cpu", "cuda") else None
+    if ep is None:
+        return tuple(None if a is None else to_torch(a, copy=copy) for a in arrays)
+    _, exp, _, d2t = _lean_state["api"]
+    stream = _cuda_stream_ptr(torch.cuda.current_stream(device)) if ep.cuda else None
+    out = []
+    for a in arrays:
+        if a is None:
+            out.append(None)
+            continue
+        t = d2t(exp(a, stream=stream))
+        if not checked and t.numel() and t.data_ptr() != a.unsafe_buffer_pointer():  # never seen; never hidden
+            raise BridgeError(f"torch copied a {a.shape} {a.dtype} array on import")
+        out.append(t)
+    return tuple(out)
 
 
 # ---- public -----------------------------------------------------------------------------

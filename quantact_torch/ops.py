@@ -56,12 +56,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import weakref
 from typing import Any
 
 import numpy as np
 import torch
 
-from interop.bridge import to_jax, to_torch
+from interop.bridge import arrays_to_torch, tensors_to_jax
 from interop.dtypes import canonical_dtype, torch_dtype
 from interop.errors import BridgeError, QuantLayoutError
 from interop.keys import (
@@ -233,12 +234,84 @@ def _consumer_fn(key_s: str, weight_key_s: str | None, orig_dtype: str | None, o
     return jax.jit(fn)
 
 
-def _call(fn, x: Tensor, *args: Tensor | None) -> tuple:
-    """Run jitted ``fn`` on torch tensors: imports them (zero-copy; CPU buffers that are not 64-byte
-    aligned are copied by XLA, with a warning), returns JAX's outputs as torch tensors (zero-copy)."""
-    copy = None if x.device.type == "cpu" else False
-    outs = fn(*(None if t is None else to_jax(t, copy=copy) for t in (x, *args)))
-    return tuple(to_torch(a, copy=False) for a in (outs if isinstance(outs, tuple) else (outs,)))
+# ---------------------------------------------------------------- crossing the bridge per call
+#: At most this many JAX views of weight-like tensors are cached (oldest evicted first).
+VIEW_CACHE_SIZE = 64
+_views: dict[tuple, tuple[Any, weakref.ref]] = {}
+
+
+def _view_key(t: Tensor) -> tuple:
+    """What identifies a cached view: the memory (pointer, shape, dtype, device) and torch's version
+    counter, so an in-place update (``w.copy_(...)``, ``w.mul_(...)``, optimizer steps) misses. Strides
+    are not needed: every tensor reaching here was checked contiguous, so the shape fixes the layout."""
+    return (t.data_ptr(), t.shape, t.dtype, t.device, t._version)
+
+
+def _remember(key: tuple, t: Tensor, a: Any) -> None:
+    """Cache JAX view ``a`` of ``t`` (zero-copy views only) until the tensor that owns the memory
+    (``t``, or the base ``t`` is a view of) dies or the entry is evicted.
+
+    While cached, the view keeps the torch storage alive (the DLPack capsule holds it), so no other
+    tensor can be allocated at that address: a hit by key is a view of the very same memory, and
+    reads what is there now. The entry holds only a weak reference to the owner; its callback drops
+    the entry, so the cache never outlives the weights it describes (and an evicted entry takes its
+    callback with it). The view must be of a *detached* alias of ``t``: a capsule of ``t`` itself
+    would hold its TensorImpl, which keeps the Python tensor (the owner) alive, so the callback would
+    never run."""
+    if a.unsafe_buffer_pointer() != t.data_ptr():
+        return  # a copy (unaligned CPU buffer): caching it would go stale
+    owner = t if t._base is None else t._base
+
+    def drop(ref: weakref.ref, key: tuple = key) -> None:
+        entry = _views.get(key)
+        if entry is not None and entry[1] is ref:
+            _views.pop(key, None)
+
+    while len(_views) >= VIEW_CACHE_SIZE:
+        _views.pop(next(iter(_views)), None)
+    _views[key] = (a, weakref.ref(owner, drop))
+
+
+def clear_view_cache() -> None:
+    """Drop every cached JAX view of a weight (releases the torch storage they keep alive)."""
+    _views.clear()
+
+
+def _call(fn, x: Tensor, args: tuple[Tensor | None, ...], cached: tuple[int, ...] = ()) -> tuple:
+    """Run jitted ``fn(x, *args)`` on torch tensors already validated by the op's checks; returns
+    JAX's outputs as torch tensors. No device copies: the tensors are imported zero-copy (a CPU buffer
+    that is not 64-byte aligned is copied by XLA, with a ``BridgeCopyWarning``; on CUDA a copy is an
+    error) and the outputs are the executable's own buffers.
+
+    ``args[i]`` for ``i`` in ``cached`` (weights, weight scales, bias, static scales) are looked up
+    in the view cache first. All tensors of the call are imported in one ``tensors_to_jax(joint=True)``
+    with ``x`` first: on CUDA JAX's stream waits for torch's current stream once, through ``x``'s
+    ready event, and the executable waits for ``x`` like for all its inputs, so every tensor --
+    including weights imported by an earlier call -- is read after the torch work queued before
+    this call. The outputs come back through ``arrays_to_torch``: torch's current stream waits for
+    each of them."""
+    cpu = x.device.type == "cpu"
+    jargs: list[Any] = [None] * len(args)
+    todo, pos, keys = [x], [-1], {}
+    for i, t in enumerate(args):
+        if t is None:
+            continue
+        if i in cached:
+            k = keys[i] = _view_key(t)
+            hit = _views.get(k)
+            if hit is not None:
+                jargs[i] = hit[0]
+                continue
+            t = t.detach()  # a new TensorImpl on the same storage: the capsule must not keep the owner alive
+        todo.append(t)
+        pos.append(i)
+    imported = tensors_to_jax(todo, copy=None if cpu else False, joint=True, checked=True)
+    for i, a in zip(pos[1:], imported[1:]):
+        jargs[i] = a
+        if i in keys:
+            _remember(keys[i], args[i], a)
+    outs = fn(imported[0], *jargs)
+    return arrays_to_torch(outs if isinstance(outs, tuple) else (outs,), copy=False, device=x.device, checked=True)
 
 
 # ---------------------------------------------------------------- custom ops
@@ -247,7 +320,7 @@ def _produce(op: str, key: str, x: Tensor, weight: Tensor | None, residual: Tens
     _check_producer(op, parse_quant_key(key), x, weight, residual, scale, global_scale, scale_ub)
     with _runnable(x):
         fn = _producer_fn(op, key, float(eps), x.device.type == "cpu")
-        return list(_call(fn, x, weight, residual, scale, global_scale, scale_ub))
+        return list(_call(fn, x, (weight, residual, scale, global_scale, scale_ub), cached=(0, 2)))
 
 
 def _consume(x: Tensor, x_scale: Tensor | None, key: str, orig_dtype: torch.dtype | None, weight: Tensor,
@@ -257,7 +330,7 @@ def _consume(x: Tensor, x_scale: Tensor | None, key: str, orig_dtype: torch.dtyp
     with _runnable(x):
         fn = _consumer_fn(key, weight_key, None if orig_dtype is None else canonical_dtype(orig_dtype),
                           None if out_dtype is None else canonical_dtype(out_dtype), x.device.type == "cpu")
-        return _call(fn, x, x_scale, weight, weight_scale, bias, input_scale)[0]
+        return _call(fn, x, (x_scale, weight, weight_scale, bias, input_scale), cached=(1, 2, 3, 4))[0]
 
 
 def _produce_fake(op: str, key: str, x: Tensor, weight: Tensor | None, residual: Tensor | None,
@@ -339,12 +412,23 @@ def _key_str_of(dtype: str, symmetric: bool, *scales: Any) -> str:
     return str(QuantKey(dtype, sd[0], sd[1], symmetric))
 
 
+_key_strs: dict[QuantKey, str] = {}  # eager calls: str(key) once per distinct key value
+
+
 def _key_str(key: QuantKey) -> str:
     """``str(key)``, a constant under torch.compile. The key is taken apart into its str / bool / int /
     enum fields (plain attribute reads that Dynamo traces) and only those reach the
     ``assume_constant_result`` function: Dynamo before torch 2.12 cannot turn a frozen-dataclass
     argument such as ``QuantKey`` into a constant ("currently can't reconstruct arbitrary frozen
-    dataclass instances")."""
+    dataclass instances"). Eager calls look the string up (keys are frozen and value-hashed); Dynamo
+    folds ``is_compiling()`` and never traces the dictionary."""
+    if not torch.compiler.is_compiling():
+        s = _key_strs.get(key)
+        if s is None:
+            if len(_key_strs) > 1024:  # keys built on the fly: stay bounded
+                _key_strs.clear()
+            s = _key_strs[key] = str(key)
+        return s
     return _key_str_of(key.dtype, key.symmetric, *_scale_fields(key.scale), *_scale_fields(key.scale2))
 
 

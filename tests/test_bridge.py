@@ -627,3 +627,88 @@ def test_gpu_round_trip_zero_copy(dtype):
 def test_bridge_module_documents_the_read_only_rule():
     for f in (bridge, to_jax, to_torch):
         assert "read-only" in f.__doc__.lower().replace("**", "")
+
+
+# ---- several tensors per call (tensors_to_jax / arrays_to_torch, the lean path) -------------
+
+
+@pytest.fixture(params=["lean", "public"])
+def lean(request):
+    prev = bridge.set_lean_dlpack(request.param == "lean")
+    yield request.param == "lean"
+    bridge.set_lean_dlpack(prev)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_tensors_to_jax_is_to_jax_for_many(lean, joint):
+    ts = [torch_from_bytes(np.random.default_rng(i).bytes(4 * 6 * 64), "float32", (6, 64)) for i in range(2)]
+    ts += [None, torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(2, 128),
+           torch.randn(3, 5).bfloat16().t()]  # a transposed (compact) tensor crosses too
+    out = bridge.tensors_to_jax(ts, joint=joint)
+    assert out[2] is None
+    for t, a in zip(ts, out):
+        if t is not None:
+            assert isinstance(a, jax.Array) and a.shape == tuple(t.shape) and a.dtype == to_jax(t).dtype
+            assert a.unsafe_buffer_pointer() == t.data_ptr()
+            assert jax_bytes(a) == torch_bytes(t)
+    assert bridge.lean_dlpack_status()["devices"]["cpu"] is lean
+    back = bridge.arrays_to_torch(out)
+    for t, b in zip(ts, back):
+        assert (b is None) if t is None else (b.data_ptr() == t.data_ptr() and b.dtype == t.dtype)
+    assert bridge.tensors_to_jax([None, None]) == (None, None)
+
+
+def test_tensors_to_jax_errors_match_to_jax(lean):
+    good = torch.zeros(4, 64)
+    for bad, match in ((torch.zeros(4, dtype=torch.float64), "float64"), (torch.zeros(8, 64)[:, ::2], "non-compact"),
+                       (np.zeros(3, np.float32), "torch.Tensor"), (torch.zeros(4, device="meta"), "meta")):
+        with pytest.raises(BridgeError, match=match):
+            bridge.tensors_to_jax([good, bad])
+    with pytest.raises(BridgeError, match="jax.Array"):
+        bridge.arrays_to_torch([jnp.zeros(3), "x"])
+    with pytest.raises(BridgeError, match="int16"):
+        bridge.arrays_to_torch([jnp.zeros(3), jnp.zeros(2, jnp.int16)])
+
+
+def test_tensors_to_jax_unaligned_cpu_buffer(lean):
+    """An unaligned CPU buffer goes through to_jax: copied with a warning, or an error with copy=False."""
+    buf = torch.arange(200, dtype=torch.uint8)
+    unaligned, aligned = buf[1:129], torch.arange(64, dtype=torch.uint8)
+    with pytest.warns(BridgeCopyWarning):
+        a, b = bridge.tensors_to_jax([aligned, unaligned])
+    assert a.unsafe_buffer_pointer() == aligned.data_ptr() and b.unsafe_buffer_pointer() != unaligned.data_ptr()
+    np.testing.assert_array_equal(np.asarray(b), unaligned.numpy())
+    with pytest.raises(BridgeError, match="aligned"):
+        bridge.tensors_to_jax([aligned, unaligned], copy=False)
+
+
+def test_copy_true_many_gives_independent_buffers():
+    t = torch.arange(64, dtype=torch.float32)
+    (a,) = bridge.tensors_to_jax([t], copy=True)
+    assert a.unsafe_buffer_pointer() != t.data_ptr()
+    (b,) = bridge.arrays_to_torch([a], copy=True)
+    assert b.data_ptr() != a.unsafe_buffer_pointer() and torch.equal(b, t)
+
+
+def test_lean_path_falls_back_when_the_private_api_breaks(monkeypatch):
+    """A jaxlib whose private DLPack calls changed: the probe fails, the status says why, and the
+    public path gives the same zero-copy results."""
+    def broken(*args, **kw):
+        raise TypeError("signature changed")
+
+    prev = bridge.set_lean_dlpack(True)
+    try:
+        monkeypatch.setitem(bridge._lean_state, "api", (broken, broken, torch.utils.dlpack.to_dlpack,
+                                                        torch.utils.dlpack.from_dlpack))
+        t = torch.arange(64, dtype=torch.float32)
+        (a,) = bridge.tensors_to_jax([t])
+        assert a.unsafe_buffer_pointer() == t.data_ptr()
+        status = bridge.lean_dlpack_status()
+        assert status["devices"]["cpu"] is False and "signature changed" in status["reason"]
+        (b,) = bridge.arrays_to_torch([a])
+        assert b.data_ptr() == t.data_ptr()
+    finally:
+        monkeypatch.undo()
+        bridge.set_lean_dlpack(prev)
+    assert bridge.tensors_to_jax([t])[0].unsafe_buffer_pointer() == t.data_ptr()
+    assert bridge.lean_dlpack_status()["devices"]["cpu"] is True

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import shutil
 from types import SimpleNamespace
 
@@ -23,7 +24,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from interop import cli
+from interop import bridge, cli
 from interop.bridge import to_jax, to_torch
 from interop.errors import BridgeError, QuantKeyMismatchError, QuantLayoutError
 from interop.keys import (
@@ -369,7 +370,9 @@ def keys(draw):
 @given(keys())
 def test_parse_quant_key_round_trip(key):
     assert parse_quant_key(str(key)) == key
-    assert ops._key_str(key) == str(key)  # the compile-safe str (rebuilt from the key's plain fields)
+    assert ops._key_str(key) == str(key) == ops._key_str(key)  # eager: computed once, then looked up
+    fields = (*ops._scale_fields(key.scale), *ops._scale_fields(key.scale2))
+    assert ops._key_str_of(key.dtype, key.symmetric, *fields) == str(key)  # the compile-safe str
 
 
 def test_parse_quant_key_names_and_errors():
@@ -380,23 +383,39 @@ def test_parse_quant_key_names_and_errors():
 
 
 # ---------------------------------------------------------------- zero copies
-@pytest.mark.parametrize("device", DEVICES)
-def test_zero_copy_pointer_equality(device, monkeypatch):
-    """Every tensor crossing into the kernel and every output crossing back keeps its buffer pointer,
-    and the activation's data/scale are the kernel's output buffers."""
+@pytest.fixture(params=["lean", "public"])
+def dlpack_path(request):
+    """Run a test through the lean DLPack path (jaxlib's calls directly) and through the public one."""
+    prev = bridge.set_lean_dlpack(request.param == "lean")
+    ops.clear_view_cache()
+    yield request.param
+    bridge.set_lean_dlpack(prev)
+    ops.clear_view_cache()
+
+
+def _record_crossings(monkeypatch) -> list:
+    """Wrap the ops' bridge calls; returns the list of (source pointer, result pointer, shape) per tensor."""
     crossings = []
 
     def rec(fn, src_ptr, dst_ptr):
-        def wrapped(v, **kw):
-            out = fn(v, **kw)
-            crossings.append((src_ptr(v), dst_ptr(out), tuple(v.shape)))
+        def wrapped(vs, **kw):
+            out = fn(vs, **kw)
+            crossings.extend((src_ptr(v), dst_ptr(o), tuple(v.shape)) for v, o in zip(vs, out) if v is not None)
             return out
         return wrapped
 
     jptr = lambda a: a.unsafe_buffer_pointer()
     tptr = lambda t: t.data_ptr()
-    monkeypatch.setattr(ops, "to_jax", rec(to_jax, tptr, jptr))
-    monkeypatch.setattr(ops, "to_torch", rec(to_torch, jptr, tptr))
+    monkeypatch.setattr(ops, "tensors_to_jax", rec(bridge.tensors_to_jax, tptr, jptr))
+    monkeypatch.setattr(ops, "arrays_to_torch", rec(bridge.arrays_to_torch, jptr, tptr))
+    return crossings
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_copy_pointer_equality(device, dlpack_path, monkeypatch):
+    """Every tensor crossing into the kernel and every output crossing back keeps its buffer pointer,
+    and the activation's data/scale are the kernel's output buffers."""
+    crossings = _record_crossings(monkeypatch)
     x, w, res, kw = inputs("rms+res", kNvfp4Dynamic, device=device)
     qa, r = ops.rms_norm_quant(x, w, kNvfp4Dynamic, residual=res, **kw)
     assert len(crossings) == 4 + 3  # x, weight, residual, global scale in; data, scale, residual out
@@ -406,6 +425,90 @@ def test_zero_copy_pointer_equality(device, monkeypatch):
     y = ops.scaled_mm(ops.quantize(x, kFp8DynamicTokenSym), *fp8_weight(N, K, kFp8DynamicTokenSym, device=device),
                       input_quant_key=kFp8DynamicTokenSym)
     assert y.data_ptr() == crossings[-1][1] and all(a == b for a, b, _ in crossings)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lean_and_public_dlpack_paths_agree(device):
+    """The lean path (jaxlib's DLPack calls, one stream sync per call) gives the public path's bits."""
+    x, w, res, kw = inputs("rms+res", kNvfp4Dynamic, device=device)
+    wt, ws = fp8_weight(N, K, kFp8DynamicTokenSym, device=device)
+    got = {}
+    for lean in (True, False):
+        prev = bridge.set_lean_dlpack(lean)
+        ops.clear_view_cache()
+        try:
+            qa, r = ops.rms_norm_quant(x, w, kNvfp4Dynamic, residual=res, **kw)
+            q8 = ops.silu_and_mul_quant(torch.cat([x, res], -1), kFp8Dynamic128Sym)
+            y = ops.scaled_mm(ops.quantize(x, kFp8DynamicTokenSym), wt, ws, input_quant_key=kFp8DynamicTokenSym)
+            got[lean] = [raw(t) for t in (qa.data, qa.scale, r, q8.data, q8.scale, y)]
+            assert bridge.lean_dlpack_status()["devices"][str(x.device)] is lean
+        finally:
+            bridge.set_lean_dlpack(prev)
+    for a, b in zip(got[True], got[False], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- the view cache of weights
+def _mm(x, w, ws, bias=None):
+    return ops.scaled_mm(x, w, ws, bias=bias, input_quant_key=kFp8DynamicTokenSym)
+
+
+def _mm_ref(x, w, ws, bias=None):
+    """The same op with nothing cached (fresh clones: other addresses)."""
+    return ops.scaled_mm(x, w.clone(), ws.clone(), bias=None if bias is None else bias.clone(),
+                         input_quant_key=kFp8DynamicTokenSym)
+
+
+def test_weight_views_are_cached_and_reused(monkeypatch):
+    ops.clear_view_cache()
+    x = inputs("quant", kFp8DynamicTokenSym)[0]
+    w, ws = fp8_weight(N, K, kFp8DynamicTokenSym)
+    bias = torch.randn(N).bfloat16()
+    first = _mm(x, w, ws, bias)
+    assert len(ops._views) == 3  # weight, weight_scale, bias
+    crossings = _record_crossings(monkeypatch)
+    second = _mm(x, w, ws, bias)
+    imported = [shape for _, _, shape in crossings[:-1]]
+    assert imported == [tuple(x.shape)], imported  # only the activation crosses again
+    np.testing.assert_array_equal(raw(first), raw(second))
+    np.testing.assert_array_equal(raw(second), raw(_mm_ref(x, w, ws, bias)))
+
+
+def test_in_place_weight_update_is_seen():
+    """An in-place update bumps the tensor's version: the next call imports the weight again and
+    computes with the new values (the same result as a fresh, uncached weight)."""
+    ops.clear_view_cache()
+    x = inputs("quant", kFp8DynamicTokenSym)[0]
+    w, ws = fp8_weight(N, K, kFp8DynamicTokenSym)
+    w2, ws2 = fp8_weight(N, K, kFp8DynamicTokenSym, seed=7)
+    before = _mm(x, w, ws)
+    w.copy_(w2)
+    ws.mul_(3)
+    after = _mm(x, w, ws)
+    assert not np.array_equal(raw(before), raw(after))
+    np.testing.assert_array_equal(raw(after), raw(_mm_ref(x, w2, ws)))  # uncached tensors with the new values
+
+
+def test_view_cache_drops_entries_with_their_tensors_and_is_bounded(monkeypatch):
+    ops.clear_view_cache()
+    x = inputs("quant", kFp8DynamicTokenSym)[0]
+    w, ws = fp8_weight(N, K, kFp8DynamicTokenSym)
+    _mm(x, w, ws)
+    assert len(ops._views) == 2
+    del w, ws
+    gc.collect()
+    assert len(ops._views) == 0  # the views (and the torch storage they hold) went with the weights
+    monkeypatch.setattr(ops, "VIEW_CACHE_SIZE", 3)
+    weights = [fp8_weight(N, K, kFp8DynamicTokenSym, seed=s) for s in range(4)]
+    for w, ws in weights:
+        _mm(x, w, ws)
+        assert len(ops._views) <= 3
+    w, ws = weights[-1]
+    np.testing.assert_array_equal(raw(_mm(x, w, ws)), raw(_mm_ref(x, w, ws)))  # evicted or not: same bits
+    # a view of a cached weight hits (same memory, same version counter) and lives as long as the base
+    cached = len(ops._views)
+    _mm(x, w.view(torch.uint8).view(torch.float8_e4m3fn), ws)
+    assert len(ops._views) == cached
 
 
 def test_cli_check(capsys, monkeypatch):
