@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Decode-sized fp8 GEMM (M <= 64) on the GPU: correctness and a side-by-side timing table.
 
-Device time per call (the summed duration of its kernels, bench/kernel_times.py: on the lent
+Device time per call (the summed duration of its kernels, quantact_jax.bench.producers.kernel_times: on the lent
 H100 a JAX call costs ~50 us of host dispatch, more than the kernel). Kernels: the Mosaic swap-AB decode kernel (``mosaic_gemm.scaled_mm_decode``, a config sweep),
 the split-K Triton kernel (``consumers.scaled_mm(backend="triton")``), cuBLASLt through
 ``torch._scaled_mm`` (row-wise and tensor-wise, with and without fast accumulation) and XLA's fp8
@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 from quantact_jax import consumers as C  # noqa: E402
 from quantact_jax import mosaic_gemm as MG  # noqa: E402
-from bench.kernel_times import device_us, kernel_times  # noqa: E402
+from quantact_jax.bench.producers import device_us, kernel_times  # noqa: E402
 
 FP8 = jnp.float8_e4m3fn
 

@@ -20,7 +20,8 @@ slices whose f32 partial sums are added (in a fixed order) before the same epilo
 For M <= 64 ``"mosaic"`` is the swap-AB decode kernel (``mosaic_gemm.scaled_mm_decode``: the
 weight fills wgmma's 64-row side, the activation rows its N side; 25.6 us of kernel at
 1x8192x8192 on an H100, 2.6 TB/s). ``"auto"`` (default) picks Mosaic on a Hopper GPU when the
-problem fits it, Triton otherwise (CPU, interpret mode, block scales, untiled shapes).
+problem fits it, Triton otherwise (CPU, interpret mode, untiled shapes, block scales at M <= 64).
+Block scales on Mosaic (M > 64) are :mod:`quantact_jax.mosaic_block_gemm` (per-128-K promotion).
 
 NVFP4 / MXFP8 / MXFP4 activations go to :mod:`quantact_jax.dequant_gemm` (Hopper has no block-scaled
 MMA: its kernel dequantises each K tile in registers and runs a bf16 dot with f32 accumulation).
@@ -42,7 +43,7 @@ from interop.errors import QuantLayoutError
 from interop.keys import GroupShape, QuantFormat, QuantKey, ScaleLayout
 from interop.layout import cdiv
 from interop.weights import WEIGHT_BLOCK_128, WEIGHT_PER_CHANNEL, WEIGHT_PER_TENSOR
-from quantact_jax import dequant_gemm, mosaic_gemm, producers
+from quantact_jax import dequant_gemm, mosaic_block_gemm, mosaic_gemm, producers
 from quantact_jax.activation import QuantizedActivation, as_quantized_activation
 
 F32 = jnp.float32
@@ -194,7 +195,8 @@ def _is_hopper() -> bool:
 def scaled_mm(x: QuantizedActivation | jax.Array, weight: jax.Array, weight_scale: jax.Array, *,
               bias: jax.Array | None = None, out_dtype=None, input_quant_key: QuantKey,
               input_scale: Any = None, weight_key: QuantKey | None = None,
-              config: MatmulConfig | mosaic_gemm.MosaicConfig | mosaic_gemm.DecodeConfig | None = None,
+              config: (MatmulConfig | mosaic_gemm.MosaicConfig | mosaic_gemm.DecodeConfig
+                       | mosaic_block_gemm.MosaicBlockConfig | None) = None,
               backend: str = "auto",
               interpret: bool | None = None, input_global_scale: Any = None,
               weight_global_scale: Any = None) -> jax.Array:
@@ -208,7 +210,8 @@ def scaled_mm(x: QuantizedActivation | jax.Array, weight: jax.Array, weight_scal
     given). Output ``[*orig_shape[:-1], N]`` in ``out_dtype`` (default: the activation's
     ``orig_dtype``). ``backend``: ``"auto"``, ``"mosaic"`` or ``"triton"`` (module docstring);
     ``config`` a :class:`MatmulConfig` (Triton), :class:`mosaic_gemm.MosaicConfig` or, for M <= 64,
-    :class:`mosaic_gemm.DecodeConfig` (the Mosaic swap-AB decode kernel).
+    :class:`mosaic_gemm.DecodeConfig` (the Mosaic swap-AB decode kernel), for block scales
+    :class:`mosaic_block_gemm.MosaicBlockConfig`.
     NVFP4 / MX keys: :func:`quantact_jax.dequant_gemm.scaled_mm` (its weights, scales, global scales
     ``input_global_scale`` / ``weight_global_scale`` and ``DequantGemmConfig``).
     """
@@ -247,20 +250,25 @@ def scaled_mm(x: QuantizedActivation | jax.Array, weight: jax.Array, weight_scal
     sb = jnp.asarray(weight_scale, F32).reshape(-1)
     bias = None if bias is None else jnp.asarray(bias)
 
-    mosaic_types = (mosaic_gemm.MosaicConfig, mosaic_gemm.DecodeConfig)
+    mosaic_types = (mosaic_gemm.MosaicConfig, mosaic_gemm.DecodeConfig, mosaic_block_gemm.MosaicBlockConfig)
     decode = m <= 64 and not isinstance(config, mosaic_gemm.MosaicConfig)
     if backend == "auto":
-        fits = (mosaic_gemm.decode_supports(m, n, k, out_dtype) if decode
-                else mosaic_gemm.supports(m, n, k, out_dtype))
-        backend = ("mosaic" if not interpret and a_mode != "group128" and config is None and _is_hopper() and fits
-                   else "triton")
+        if a_mode == "group128":
+            fits = not decode and mosaic_block_gemm.supports(m, n, k, out_dtype)
+        else:
+            fits = (mosaic_gemm.decode_supports(m, n, k, out_dtype) if decode
+                    else mosaic_gemm.supports(m, n, k, out_dtype))
+        backend = "mosaic" if not interpret and config is None and _is_hopper() and fits else "triton"
     if backend == "mosaic":
         if isinstance(config, MatmulConfig):
-            raise TypeError("a MatmulConfig is the Triton kernel's; backend='mosaic' takes a MosaicConfig or "
-                            "a DecodeConfig")
+            raise TypeError("a MatmulConfig is the Triton kernel's; backend='mosaic' takes a MosaicConfig, "
+                            "a DecodeConfig or a MosaicBlockConfig")
         if a_mode == "group128":
-            raise QuantLayoutError("the Mosaic GEMM does not take block-scaled operands yet; use backend='triton'")
-        if decode or isinstance(config, mosaic_gemm.DecodeConfig):
+            if config is not None and not isinstance(config, mosaic_block_gemm.MosaicBlockConfig):
+                raise TypeError("block-scaled operands on backend='mosaic' take a MosaicBlockConfig")
+            out = mosaic_block_gemm.scaled_mm_block(a2, weight, sa.reshape(m, -1), sb.reshape(cdiv(n, 128), -1),
+                                                    bias, out_dtype, config)
+        elif decode or isinstance(config, mosaic_gemm.DecodeConfig):
             out = mosaic_gemm.scaled_mm_decode(a2, weight, sa, sb, bias, out_dtype, config)
         else:
             out = mosaic_gemm.scaled_mm(a2, weight, sa, sb, bias, out_dtype, config)

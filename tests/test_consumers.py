@@ -152,6 +152,21 @@ def test_mosaic_decode_matches_references(m, n, k, cfg, akey, wmode, bias, out_d
     _check(got, qa, wq, ws, wk, b, out_dtype, fast_accum=True)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Mosaic block GEMM needs a Hopper GPU")
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("m,n,k", [(300, 640, 384), (1031, 1536, 1024)], ids=str)
+def test_block_scaled_auto_dispatches_to_mosaic(m, n, k, bias):
+    # the consumer's reshaping of the 1x128 / 128x128 scales for mosaic_block_gemm (its own tests cover the kernel)
+    akey, wmode = CASES[4]
+    qa, wq, ws, wk, b = _problem(m, n, k, akey, wmode, bias)
+    assert C.mosaic_block_gemm.supports(m, n, k, jnp.bfloat16)
+    got = C.scaled_mm(qa, wq, ws, bias=b, input_quant_key=akey)
+    assert (np.asarray(got, np.float32) == np.asarray(C.scaled_mm(qa, wq, ws, bias=b, input_quant_key=akey,
+                                                                  backend="mosaic"), np.float32)).all()
+    _check(got, qa, wq, ws, wk, b, None, fast_accum=True)
+
+
 def test_plain_array_is_quantized_with_the_key_and_matches_prequantized():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, 3, 256)), jnp.bfloat16)  # leading dims kept

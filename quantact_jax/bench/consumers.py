@@ -1,6 +1,10 @@
 """Consumer benchmark: Pallas scaled_mm vs torch._scaled_mm (cuBLASLt), XLA's fp8 dot with [N, K]
 weights and the bf16 GEMM, side by side in one process. TFLOP/s = 2*M*N*K / time.
 
+Decode rows (M <= 64) are device time, the summed kernel durations of a call (CUPTI through torch's
+profiler; the lent H100's host spends ~50 us dispatching each JAX call, more than the kernels take);
+the large shapes are back-to-back wall time, where dispatch hides behind the kernels.
+
 Usage: python -m quantact_jax.bench.consumers --out results.json [--configs]
 """
 
@@ -22,10 +26,15 @@ from interop.keys import kFp8Dynamic128Sym, kFp8DynamicTensorSym, kFp8DynamicTok
 from quantact_jax import consumers as C  # noqa: E402
 from quantact_jax import mosaic_gemm as MG  # noqa: E402
 from quantact_jax import producers as P  # noqa: E402
-from quantact_jax.bench.producers import time_jax, time_torch  # noqa: E402
+from quantact_jax.bench.producers import device_us, time_jax, time_torch  # noqa: E402
 
 SHAPES = [(4096, 4096, 4096), (8192, 8192, 8192), (4096, 28672, 4096), (4096, 4096, 14336),
           (1, 8192, 8192), (16, 8192, 8192), (64, 8192, 8192)]
+
+
+def _device_s(fn, args, iters: int = 20, reps: int = 0) -> float:  # noqa: ARG001  (time_jax's signature)
+    """Device time (s) per call: see the module docstring."""
+    return device_us(fn, args) * 1e-6
 
 
 def main() -> int:
@@ -43,6 +52,7 @@ def main() -> int:
                torch=torch.__version__, cases=[])
     for m, n, k in SHAPES:
         flops = 2 * m * n * k
+        tj, tt = (_device_s, _device_s) if m <= 64 else (time_jax, time_torch)
         xt = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         wt = (torch.randn(n, k, device=dev) * 0.05)
         w8 = (wt / (wt.abs().amax(1, keepdim=True) / 448)).to(torch.float8_e4m3fn)  # [N, K]
@@ -55,19 +65,19 @@ def main() -> int:
                               ("tensor_x_tensor", kFp8DynamicTensorSym, swj.max().reshape(1))):
             qa = P.quantize(x, key)
             f = jax.jit(lambda qa, w, s, key=key: C.scaled_mm(qa, w, s, input_quant_key=key))
-            t = time_jax(f, (qa, wj, ws), iters=20)
+            t = tj(f, (qa, wj, ws), iters=20)
             row[f"quantact_{name}_us"] = t * 1e6
             row[f"quantact_{name}_tflops"] = flops / t / 1e12
         if m >= 4096:  # the Triton kernel alone, for the record
             qa = P.quantize(x, kFp8DynamicTokenSym)
             f = jax.jit(lambda qa, w, s: C.scaled_mm(qa, w, s, input_quant_key=kFp8DynamicTokenSym, backend="triton"))
-            t = time_jax(f, (qa, wj, swj), iters=10)
+            t = tj(f, (qa, wj, swj), iters=10)
             row["quantact_triton_token_x_channel_tflops"] = flops / t / 1e12
         if k % 128 == 0 and n % 128 == 0:
             qa = P.quantize(x, kFp8Dynamic128Sym)
             sb = jnp.ones((n // 128, k // 128), jnp.float32) * 0.01
             f = jax.jit(lambda qa, w, s: C.scaled_mm(qa, w, s, input_quant_key=kFp8Dynamic128Sym))
-            t = time_jax(f, (qa, wj, sb), iters=20)
+            t = tj(f, (qa, wj, sb), iters=20)
             row["quantact_block128_us"] = t * 1e6
             row["quantact_block128_tflops"] = flops / t / 1e12
         # cuBLASLt through torch._scaled_mm (b = w8.T is column-major, as cuBLASLt wants)
@@ -91,7 +101,7 @@ def main() -> int:
                                                                 out_dtype=torch.bfloat16)
         for name, fn in peers.items():
             try:
-                t = time_torch(fn, (), iters=20)
+                t = tt(fn, (), iters=20)
                 row[f"{name}_us"] = t * 1e6
                 row[f"{name}_tflops"] = flops / t / 1e12
             except Exception as e:  # e.g. block scaling unsupported by this torch/cuBLASLt
@@ -100,7 +110,7 @@ def main() -> int:
         xla = jax.jit(lambda a, sa, w, sw: (jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())),
                                                                 preferred_element_type=jnp.float32)
                                             * sw.reshape(1, -1) * sa).astype(jnp.bfloat16))
-        t = time_jax(xla, (xq.data, xq.scale, wj, swj), iters=20)
+        t = tj(xla, (xq.data, xq.scale, wj, swj), iters=20)
         row["xla_fp8_dot_us"] = t * 1e6
         row["xla_fp8_dot_tflops"] = flops / t / 1e12
         if args.configs:
@@ -118,7 +128,7 @@ def main() -> int:
                     qa, w, s, input_quant_key=kFp8DynamicTokenSym, config=cfg,
                     backend="mosaic" if isinstance(cfg, MG.MosaicConfig) else "triton"))
                 try:
-                    sweep[str(dataclasses.astuple(cfg))] = time_jax(f, (qa, wj, swj), iters=10, reps=3) * 1e6
+                    sweep[str(dataclasses.astuple(cfg))] = tj(f, (qa, wj, swj), iters=10, reps=3) * 1e6
                 except Exception as e:
                     sweep[str(dataclasses.astuple(cfg))] = f"error {type(e).__name__}: {str(e)[:80]}"
             best = min((v, c) for c, v in sweep.items() if isinstance(v, float))
