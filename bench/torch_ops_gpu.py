@@ -162,6 +162,15 @@ def _bridge_pieces(calls: int, device: str) -> dict:
         return out
     # where the import time goes (private jaxlib API: measured here only to guide the next optimisation)
     try:
+        from interop import bridge
+
+        ep = bridge._endpoint(t.device)
+        out["current_stream_us"] = _times_us(lambda: torch.cuda.current_stream(t.device), calls)["median"]
+        if ep is not None:  # the lean path's one torch -> JAX stream wait per call
+            out["lean_stream_sync_us"] = _times_us(lambda: bridge._wait_for_torch(ep, t.device), calls)["median"]
+    except Exception as e:  # noqa: BLE001
+        out["lean_breakdown_error"] = f"{type(e).__name__}: {e}"
+    try:
         from jax._src.lib import _jax
 
         dev = jax.devices("gpu")[t.device.index]

@@ -61,6 +61,7 @@ Same-framework input is returned unchanged (``to_jax(jax_array) is jax_array``);
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -365,7 +366,8 @@ def _probe(device: Any) -> _Endpoint | None:
     imp, exp, t2d, d2t = api
     try:
         probe = torch.arange(64, dtype=torch.uint8, device=device)
-        ref = jax.dlpack.from_dlpack(probe)  # the public path chooses the device
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            ref = jax.dlpack.from_dlpack(probe)  # the public path chooses the device (torch exports the current one)
         (jdev,) = ref.devices()
         dl_type = int(probe.__dlpack_device__()[0])
         ep = _Endpoint(jdev, dl_type, device.type == "cuda")

@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import weakref
 from typing import Any
 
@@ -401,6 +402,37 @@ def _(x, x_scale, key, orig_dtype, weight, weight_scale, bias, out_dtype, input_
 
 
 # ---------------------------------------------------------------- public wrappers
+_C = torch._C
+#: Public wrappers call the op's implementation directly in plain eager mode (see ``_direct``);
+#: ``QUANTACT_DIRECT_EAGER=0`` (or setting this to False) always goes through ``torch.ops.quantact``.
+DIRECT_EAGER = os.environ.get("QUANTACT_DIRECT_EAGER", "1") != "0" and all(
+    hasattr(m, n) for m, n in ((_C, "_len_torch_function_stack"), (_C, "_len_torch_dispatch_stack"),
+                               (_C, "_any_requires_grad"), (getattr(_C, "_functorch", None), "peek_interpreter_stack"),
+                               (getattr(_C, "_autograd", None), "_profiler_enabled")))
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _direct(x: Tensor, *more: Tensor | None) -> bool:
+    """Whether a public wrapper may run the op's implementation itself instead of calling
+    ``torch.ops.quantact.*``: in plain eager execution the dispatcher only routes to that same
+    implementation (its autograd kernel passes straight through when no input needs a gradient), at
+    a host cost of tens of microseconds. Everything that must *see* the op keeps the dispatcher:
+    torch.compile (Dynamo folds ``is_compiling()``), torch.jit tracing, torch function and dispatch
+    modes (FakeTensorMode, make_fx/export, TorchDispatchMode loggers), functorch transforms (vmap,
+    grad), the profiler, tensor subclasses, devices other than cpu/cuda (meta: the fake
+    implementation), and inputs that require grad with grad mode on (the op's autograd kernel)."""
+    if not DIRECT_EAGER or torch.compiler.is_compiling():
+        return False
+    if type(x) not in _PLAIN or x.device.type not in ("cpu", "cuda"):
+        return False
+    for t in more:
+        if t is not None and type(t) not in _PLAIN:
+            return False
+    return (_C._len_torch_function_stack() == 0 and _C._len_torch_dispatch_stack() == 0
+            and _C._functorch.peek_interpreter_stack() is None and not _C._autograd._profiler_enabled()
+            and not torch.jit.is_tracing() and not (_C.is_grad_enabled() and _C._any_requires_grad(x, *more)))
+
+
 def _scale_fields(s: ScaleDesc | None) -> tuple:
     return (None,) * 6 if s is None else (s.dtype, s.static, s.group_shape[0], s.group_shape[1], s.layout, s.ue8m0)
 
@@ -493,7 +525,11 @@ def quantize(x: Tensor, key: QuantKey | None = None, *, layer: Any = None, scale
     key, scale, global_scale = _resolve(key, layer, scale, global_scale)
     _check_tensor(x, "x", x)
     static = _static_storage(key, scale, x, x.shape[-1])
-    outs = _quantize_op(x, _key_str(key), static, _scalar(global_scale, x), _scalar(scale_ub, x))
+    gs, ub = _scalar(global_scale, x), _scalar(scale_ub, x)
+    if _direct(x, static, gs, ub):
+        outs = _produce("quant", _key_str(key), x, None, None, static, gs, ub, 0.0)
+    else:
+        outs = _quantize_op(x, _key_str(key), static, gs, ub)
     return _activation(key, x, x.shape[-1], outs, static)
 
 
@@ -509,8 +545,11 @@ def rms_norm_quant(x: Tensor, weight: Tensor, key: QuantKey | None = None, *, la
     key, scale, global_scale = _resolve(key, layer, scale, global_scale)
     _check_tensor(x, "x", x)
     static = _static_storage(key, scale, x, x.shape[-1])
-    outs = _rms_norm_quant_op(x, weight, _key_str(key), float(eps), residual, static, _scalar(global_scale, x),
-                              _scalar(scale_ub, x))
+    gs, ub = _scalar(global_scale, x), _scalar(scale_ub, x)
+    if _direct(x, weight, residual, static, gs, ub):
+        outs = _produce("rms", _key_str(key), x, weight, residual, static, gs, ub, float(eps))
+    else:
+        outs = _rms_norm_quant_op(x, weight, _key_str(key), float(eps), residual, static, gs, ub)
     return _activation(key, x, x.shape[-1], outs, static), (outs[-1] if residual is not None else None)
 
 
@@ -521,7 +560,11 @@ def silu_and_mul_quant(x: Tensor, key: QuantKey | None = None, *, layer: Any = N
     _check_tensor(x, "x", x)
     k = x.shape[-1] // 2
     static = _static_storage(key, scale, x, k)
-    outs = _silu_and_mul_quant_op(x, _key_str(key), static, _scalar(global_scale, x), _scalar(scale_ub, x))
+    gs, ub = _scalar(global_scale, x), _scalar(scale_ub, x)
+    if _direct(x, static, gs, ub):
+        outs = _produce("silu", _key_str(key), x, None, None, static, gs, ub, 0.0)
+    else:
+        outs = _silu_and_mul_quant_op(x, _key_str(key), static, gs, ub)
     return _activation(key, x, k, outs, static)
 
 
@@ -545,8 +588,12 @@ def scaled_mm(x: QuantizedActivation | Tensor, weight: Tensor, weight_scale: Ten
         data, storage, orig_dtype = qa.data, qa.scale_storage(), qa.orig_dtype
     if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
         out_dtype = torch_dtype(canonical_dtype(out_dtype))
+    wkey = None if weight_key is None else _key_str(_as_key(weight_key, "weight_key"))
+    if _direct(data, storage, weight, weight_scale, bias, input_scale):
+        return _consume(data, storage, _key_str(key), orig_dtype, weight, weight_scale, bias, out_dtype, input_scale,
+                        wkey)
     return _scaled_mm_op(data, storage, _key_str(key), orig_dtype, weight, weight_scale, bias, out_dtype, input_scale,
-                         None if weight_key is None else _key_str(_as_key(weight_key, "weight_key")))
+                         wkey)
 
 
 __all__ = ["quantize", "rms_norm_quant", "scaled_mm", "silu_and_mul_quant"]

@@ -448,6 +448,66 @@ def test_lean_and_public_dlpack_paths_agree(device):
         np.testing.assert_array_equal(a, b)
 
 
+# ---------------------------------------------------------------- eager calls without the dispatcher
+def _all_ops(x, w, res, wt, ws):
+    qa, r = ops.rms_norm_quant(x, w, kFp8DynamicTokenSym, residual=res)
+    q128 = ops.silu_and_mul_quant(torch.cat([x, res], -1), kFp8Dynamic128Sym)
+    qs = ops.quantize(x, kFp8StaticTensorSym, scale=0.05)
+    y = ops.scaled_mm(qa, wt, ws, input_quant_key=kFp8DynamicTokenSym)
+    return [qa.data, qa.scale, r, q128.data, q128.scale, qs.data, qs.scale, y]
+
+
+def test_direct_eager_calls_match_the_dispatcher(monkeypatch):
+    """Plain eager wrappers run the op's implementation directly; the bits are the custom op's."""
+    x, w, res, _ = inputs("rms+res", kFp8DynamicTokenSym)
+    wt, ws = fp8_weight(N, K, kFp8DynamicTokenSym)
+    dispatched = []
+    for name in ("_quantize_op", "_rms_norm_quant_op", "_silu_and_mul_quant_op", "_scaled_mm_op"):
+        op = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _op=op, _n=name: dispatched.append(_n) or _op(*a))
+    direct = _all_ops(x, w, res, wt, ws)
+    assert dispatched == []
+    monkeypatch.setattr(ops, "DIRECT_EAGER", False)
+    via_op = _all_ops(x, w, res, wt, ws)
+    assert sorted(dispatched) == ["_quantize_op", "_rms_norm_quant_op", "_scaled_mm_op", "_silu_and_mul_quant_op"]
+    for a, b in zip(direct, via_op, strict=True):
+        assert (a.shape, a.dtype, a.stride()) == (b.shape, b.dtype, b.stride())
+        np.testing.assert_array_equal(raw(a), raw(b))
+
+
+def test_dispatcher_kept_where_something_must_see_the_op():
+    """Dispatch modes, the profiler and inputs that need a gradient still see ``quantact::*``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w, res, _ = inputs("rms+res", kFp8DynamicTokenSym)
+    wt, ws = fp8_weight(N, K, kFp8DynamicTokenSym)
+    with Log() as log:
+        _all_ops(x, w, res, wt, ws)
+    assert {"quantact.rms_norm_quant.default", "quantact.silu_and_mul_quant.default", "quantact.quantize.default",
+            "quantact.scaled_mm.default"} <= set(log.names), log.names
+    with torch.profiler.profile() as prof:
+        ops.quantize(x, kFp8DynamicTokenSym)
+    assert any(e.name == "quantact::quantize" for e in prof.events())
+    assert ops._direct(x) and not ops._direct(x, w.clone().requires_grad_())
+    with torch.no_grad():
+        assert ops._direct(x, w.clone().requires_grad_())
+    assert not ops._direct(x.to("meta")) and not ops._direct(x, w.as_subclass(type("Sub", (torch.Tensor,), {})))
+    # with a weight that requires grad, the op's autograd kernel runs: backward names the op
+    out = ops.rms_norm_quant(x.float().requires_grad_(), w.float(), kFp8DynamicTokenSym, residual=res.float())[1]
+    assert out.requires_grad
+    with pytest.raises(RuntimeError, match="no autograd"):
+        out.sum().backward()
+
+
 # ---------------------------------------------------------------- the view cache of weights
 def _mm(x, w, ws, bias=None):
     return ops.scaled_mm(x, w, ws, bias=bias, input_quant_key=kFp8DynamicTokenSym)
