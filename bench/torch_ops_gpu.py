@@ -140,7 +140,13 @@ def _bridge_pieces(calls: int, device: str) -> dict:
     import jax.numpy as jnp
     import torch
 
-    from interop.bridge import arrays_to_torch, lean_dlpack_status, tensors_to_jax, to_jax, to_torch
+    from interop.bridge import (
+        arrays_to_torch,
+        lean_dlpack_status,
+        tensors_to_jax,
+        to_jax,
+        to_torch,
+    )
 
     t = torch.randn(16, 4096, device=device).bfloat16()
     a = jax.device_put(jnp.ones((16, 4096), jnp.bfloat16), jax.devices("cpu" if device == "cpu" else "gpu")[0])
@@ -241,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             same = _bytes(t_bytes(t_op())) == _bytes(j_bytes(j_op()))
             row = {
                 "jax_us": _times_us(j_op, args.calls),
-                "jax_sync_us": _times_us(lambda: jax.block_until_ready(j_op()), args.calls),
+                "jax_sync_us": _times_us(lambda j=j_op: jax.block_until_ready(j()), args.calls),
                 "torch_op_us": _times_us(t_op, args.calls),
                 "custom_op_us": _times_us(c_op, args.calls),
                 "impl_us": _times_us(impl, args.calls),

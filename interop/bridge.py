@@ -304,7 +304,9 @@ def _lean_api() -> tuple[Any, Any, Any, Any] | None:
     if api is None:
         try:
             import torch.utils.dlpack as tdl
-            from jax._src.lib import _jax  # private: the module jax.dlpack itself calls into
+            from jax._src.lib import (
+                _jax,  # private: the module jax.dlpack itself calls into
+            )
 
             api = (_jax.dlpack_managed_tensor_to_buffer, _jax.buffer_to_dlpack_managed_tensor, tdl.to_dlpack,
                    tdl.from_dlpack)

@@ -4,11 +4,20 @@
 have the names, arguments and bits of :mod:`quantact_jax.producers` / :mod:`quantact_jax.consumers`
 (and of the torch reference), take torch tensors (CUDA or CPU) and return torch tensors and the
 vLLM-style :class:`~quantact_torch.activation.QuantizedActivation`. Each call crosses into JAX with
-:func:`interop.bridge.to_jax` and back with :func:`interop.bridge.to_torch`: no device copies (the
-outputs are the JAX kernels' own buffers; CUDA inputs are imported with ``copy=False``, so a copy
-would be an error). A cached ``jax.jit`` per (op, key, eps, platform) runs the kernel; on CPU tensors
-the kernels run in Pallas interpret mode on JAX's CPU device, on CUDA tensors compiled on the
-tensor's GPU.
+:func:`interop.bridge.tensors_to_jax` and back with :func:`interop.bridge.arrays_to_torch` (the
+bridge's per-call path: ``to_jax`` / ``to_torch`` for several tensors, with jaxlib's DLPack calls made
+directly where verified): no device copies (the outputs are the JAX kernels' own buffers; CUDA inputs
+are imported with ``copy=False``, so a copy would be an error). A cached ``jax.jit`` per (op, key,
+eps, platform) runs the kernel; on CPU tensors the kernels run in Pallas interpret mode on JAX's CPU
+device, on CUDA tensors compiled on the tensor's GPU.
+
+Per-call host cost
+    The public wrappers call the op's implementation directly in plain eager mode, skipping torch's
+    dispatcher (``_direct``: anything that must see the op -- torch.compile, modes, the profiler,
+    functorch, subclasses, inputs that need a gradient -- still goes through ``torch.ops.quantact``).
+    JAX views of weight-like inputs (RMSNorm weight, static scales, ``scaled_mm``'s weight, weight
+    scale, bias, input scale) are cached by (pointer, shape, dtype, device, torch version counter):
+    an in-place update re-imports, and an entry dies with its tensor (``clear_view_cache()`` drops all).
 
 torch.compile
     The kernels are ``torch.library`` custom ops in namespace ``quantact`` (``torch.ops.quantact.*``)
@@ -20,15 +29,15 @@ torch.compile
     alias an input).
 
 Streams (CUDA)
-    Ordered with torch's *current stream* of the input's device, without host synchronisation:
-    ``jax.dlpack.from_dlpack`` passes JAX's stream for external ready events to
-    ``torch.Tensor.__dlpack__(stream=...)``, which records an event on torch's current stream and
-    makes JAX's stream wait for it (so work queued before the call is visible to the kernel); the
-    outputs go back through ``torch.from_dlpack``, which hands torch's current stream to
-    ``jax.Array.__dlpack__(stream=...)``, and JAX makes that stream wait for the kernel's completion
-    event (so work queued after the call sees the result). Because the current stream waits for the
-    kernel before the call returns, freeing or overwriting an input afterwards (on that stream) is
-    safe. Inputs allocated on another stream follow torch's usual rule (``record_stream``).
+    Ordered with torch's *current stream* of the input's device, without host synchronisation: once
+    per call, JAX's external-ready stream is made to wait for an event recorded on torch's current
+    stream (what ``torch.Tensor.__dlpack__(stream=...)`` does), and ``x`` is imported with that stream
+    as its ready point; the executable waits for ``x`` like for all its inputs, so work queued before
+    the call is visible to the kernel (see ``interop.bridge.tensors_to_jax(joint=True)``). Each
+    output is exported with torch's current stream, and JAX makes that stream wait for the kernel's
+    completion event (so work queued after the call sees the result). Because the current stream
+    waits for the kernel before the call returns, freeing or overwriting an input afterwards (on that
+    stream) is safe (a cached weight view keeps its storage alive until the weight tensor dies). Inputs allocated on another stream follow torch's usual rule (``record_stream``).
     Output buffers belong to JAX; they are freed when the torch tensor dies, and JAX may reuse them
     for its next computation: every op orders JAX after torch's current stream, but other JAX work
     launched directly (not through these ops) is not ordered after torch work still reading an

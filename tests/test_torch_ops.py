@@ -540,7 +540,7 @@ def test_in_place_weight_update_is_seen():
     ops.clear_view_cache()
     x = inputs("quant", kFp8DynamicTokenSym)[0]
     w, ws = fp8_weight(N, K, kFp8DynamicTokenSym)
-    w2, ws2 = fp8_weight(N, K, kFp8DynamicTokenSym, seed=7)
+    w2, _ = fp8_weight(N, K, kFp8DynamicTokenSym, seed=7)
     before = _mm(x, w, ws)
     w.copy_(w2)
     ws.mul_(3)
