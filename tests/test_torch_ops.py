@@ -465,6 +465,7 @@ def test_direct_eager_calls_match_the_dispatcher(monkeypatch):
     for name in ("_quantize_op", "_rms_norm_quant_op", "_silu_and_mul_quant_op", "_scaled_mm_op"):
         op = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _op=op, _n=name: dispatched.append(_n) or _op(*a))
+    monkeypatch.setattr(ops, "DIRECT_EAGER", True)  # also under QUANTACT_DIRECT_EAGER=0
     direct = _all_ops(x, w, res, wt, ws)
     assert dispatched == []
     monkeypatch.setattr(ops, "DIRECT_EAGER", False)
