@@ -476,8 +476,9 @@ def test_direct_eager_calls_match_the_dispatcher(monkeypatch):
         np.testing.assert_array_equal(raw(a), raw(b))
 
 
-def test_dispatcher_kept_where_something_must_see_the_op():
+def test_dispatcher_kept_where_something_must_see_the_op(monkeypatch):
     """Dispatch modes, the profiler and inputs that need a gradient still see ``quantact::*``."""
+    monkeypatch.setattr(ops, "DIRECT_EAGER", True)
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Log(TorchDispatchMode):
