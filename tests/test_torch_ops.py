@@ -615,6 +615,38 @@ def test_streams_ordered_without_host_sync():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_streams_order_every_input_with_one_wait_per_call():
+    """The lean path makes JAX wait for torch once per call, through the activation's import; the
+    weight, its scale and the bias (imported as ready, or taken from the view cache) must still be
+    read after torch's writes queued before the call: on a busy side stream, write all of them, call
+    scaled_mm, clone the result -- no synchronize -- and compare with a synchronised rerun."""
+    key = kFp8DynamicTokenSym
+    m, k, n = 4096, 4096, 4096
+    w_src = [fp8_weight(n, k, key, seed=s, device="cuda") for s in range(3)]
+    x_src = torch.randn(m, k, device="cuda").bfloat16()
+    w, ws = (torch.empty_like(t) for t in w_src[0])
+    bias = torch.empty(n, device="cuda", dtype=torch.bfloat16)
+    ops.scaled_mm(x_src, w_src[0][0], w_src[0][1], input_quant_key=key)  # compile outside the timed part
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    results = []
+    with torch.cuda.stream(side):
+        for i, (wv, wsv) in enumerate(w_src):
+            torch.cuda._sleep(50_000_000)
+            w.copy_(wv)
+            ws.copy_(wsv)
+            bias.fill_(float(i))
+            results.append(ops.scaled_mm(x_src, w, ws, bias=bias, input_quant_key=key).clone())
+            torch.cuda._sleep(50_000_000)  # the next writes must not overtake this call's reads
+    torch.cuda.synchronize()
+    for i, ((wv, wsv), got) in enumerate(zip(w_src, results, strict=True)):
+        want = ops.scaled_mm(x_src, wv.clone(), wsv.clone(), bias=torch.full_like(bias, float(i)), input_quant_key=key)
+        torch.cuda.synchronize()
+        assert torch.equal(got, want), i
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_graph_capture_is_refused():
     x = torch.randn(16, K, device="cuda").bfloat16()
     ops.quantize(x, kFp8DynamicTokenSym)  # compiled outside the capture
