@@ -144,6 +144,20 @@ def main() -> int:
         f = jax.jit(lambda qa, w, s: C.scaled_mm(qa, w, s, input_quant_key=kFp8DynamicTokenSym, backend="triton"))
         print("  triton", flush=True)
         row["triton_splitk_us"] = device_us(f, (qa, b, sb.reshape(n, 1)))
+        tsweep = {}
+        for cfg in [C.MatmulConfig(16 if m <= 16 else 64, bn, bk, 4, 4, split_k=sk)
+                    for bn in (64, 128) for bk in (128, 256) for sk in (2, 4, 8)]:
+            g = jax.jit(lambda qa, w, s, cfg=cfg: C.scaled_mm(qa, w, s, input_quant_key=kFp8DynamicTokenSym,
+                                                              config=cfg, backend="triton"))
+            try:
+                tsweep[str(cfg)] = device_us(g, (qa, b, sb.reshape(n, 1)))
+            except Exception as e:
+                tsweep[str(cfg)] = f"error {type(e).__name__}: {str(e)[:200]}"
+        row["triton_sweep_us"] = tsweep
+        timed = {c: v for c, v in tsweep.items() if isinstance(v, float)}
+        if timed:
+            row["triton_best"] = min(timed, key=timed.get)
+            row["triton_best_us"] = timed[row["triton_best"]]
         xla = jax.jit(lambda a, sa, w, sw: (jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())),
                                                                 preferred_element_type=jnp.float32)
                                             * sw.reshape(1, -1) * sa.reshape(-1, 1)).astype(jnp.bfloat16))
@@ -193,9 +207,10 @@ def main() -> int:
             except Exception as e:
                 row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
         res["cases"].append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "mosaic_decode_sweep_us"}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("sweep_us")}), flush=True)
 
-    cols = ["mosaic_decode_heuristic_us", "mosaic_decode_best_us", "triton_splitk_us", "xla_fp8_dot_us",
+    cols = ["mosaic_decode_heuristic_us", "mosaic_decode_best_us", "triton_splitk_us", "triton_best_us",
+            "xla_fp8_dot_us",
             "cublas_rowwise_us", "cublas_rowwise_fast_us", "cublas_tensorwise_us", "torch_weight_read_us", "floor_us"]
     print(f"{'M x N x K':>18s} " + " ".join(f"{c[:-3][:12]:>12s}" for c in cols) + "  (us)")
     for r in res["cases"]:

@@ -44,6 +44,15 @@ CASES = [(kFp8DynamicTokenSym, "channel"), (kFp8DynamicTokenSym, "tensor"), (kFp
          (kFp8DynamicTensorSym, "channel"), (kFp8Dynamic128Sym, "block")]
 
 
+def _expand_scales(s: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """A per-tensor, per-row, 1x128-group ``[rows, cols/128]`` or 128x128-block scale as a
+    broadcastable per-element scale of a ``[rows, cols]`` operand."""
+    if s.size == 1 or s.size == rows:
+        return s.reshape(-1, 1)
+    rb = 1 if s.shape[0] == rows else 128
+    return np.repeat(np.repeat(s, rb, axis=0), 128, axis=1)[:rows, :cols]
+
+
 def _check(got, qa, wq, ws, wk, b, out_dtype, fast_accum: bool = False):
     """``got`` against the jnp and the torch reference consumers (module docstring's tolerance).
 
@@ -56,10 +65,11 @@ def _check(got, qa, wq, ws, wk, b, out_dtype, fast_accum: bool = False):
     """
     got = np.asarray(got, np.float32)
     slack = 0.0
-    if fast_accum:
+    if fast_accum:  # (the per-128-K promotion of the block-scaled kernel only tightens this)
         k = qa.orig_shape[-1]
-        a_abs = np.abs(np.asarray(qa.data, np.float32).reshape(-1, k)) * np.asarray(qa.scale, np.float32).reshape(-1, 1)
-        b_abs = np.abs(np.asarray(wq, np.float32)) * np.asarray(ws, np.float32).reshape(-1, 1)
+        a = np.asarray(qa.data, np.float32).reshape(-1, k)
+        a_abs = np.abs(a) * _expand_scales(np.asarray(qa.scale, np.float32), *a.shape)
+        b_abs = np.abs(np.asarray(wq, np.float32)) * _expand_scales(np.asarray(ws, np.float32), *wq.shape)
         slack = (k / 32) * 2.0 ** -13 * (a_abs @ b_abs.T)
     with jax.default_device(CPU):
         qa_cpu = jax.device_put(qa, CPU)
