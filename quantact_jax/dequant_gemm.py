@@ -92,12 +92,14 @@ class DequantGemmConfig:
 
 
 def heuristic_config(m: int, n: int, k: int, fmt: QuantFormat) -> DequantGemmConfig:
-    """A starting point, not yet tuned on a GPU (bench/dequant_gemm_gpu.py sweeps candidates):
-    128x128 tiles with a 128-element K step (64 for MXFP8, whose codes are a byte each) for
-    M > 64; for decode-sized M a narrow M tile, 256-element K steps and K split until about two
-    waves of an H100's 132 SMs are busy."""
+    """The H100 sweep's best (bench/results/h100-2026-11-24-s3-dequant_gemm.json, one run): for
+    M > 64, 128x256x64 tiles, 8 warps, 3 stages for NVFP4 (130 TFLOP/s at 4096^3) and 128x128x64,
+    4 warps, 4 stages for MXFP8 (204 TFLOP/s); for decode-sized M a narrow M tile, 256-element K
+    steps and K split until about two waves of an H100's 132 SMs are busy."""
     if m > 64:
-        return DequantGemmConfig(128, 128, 64 if fmt == QuantFormat.MXFP8 else 128, num_warps=8, num_stages=3)
+        if fmt == QuantFormat.MXFP8:
+            return DequantGemmConfig(128, 128, 64, num_warps=4, num_stages=4)
+        return DequantGemmConfig(128, 256, 64, num_warps=8, num_stages=3)
     bm = max(16, pl.next_power_of_2(m))
     cfg = DequantGemmConfig(bm, 64, 256, num_warps=4, num_stages=4)
     tiles = cdiv(n, cfg.block_n)

@@ -154,7 +154,7 @@ def test_fused_vs_torch_block(run):
 
 def test_unfused_on_xla_fp8_dot(run):
     if run["key"].is_fp4:
-        pytest.skip("XLA has no fp4 dot: NVFP4 layers run the jnp reference consumer")
+        pytest.skip("XLA has no fp4 dot")
     xout, _ = unfused_jit(run["block"], run["x"], run["r"], gemm="xla")
     if jax.default_backend() == "gpu":
         # XLA:GPU's fp8 dot is cuBLASLt with fast accumulation even at HIGHEST (H100, jax 0.11.2):
