@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from interop.layout import cdiv
-from quantact_jax.mosaic_gemm import SMEM_LIMIT, _pad
+from quantact_jax.mosaic_gemm import SMEM_LIMIT, _bcast, _pad, _store_tile
 
 F32 = jnp.float32
 BLOCK = 128  # DeepSeek scale block (K step and weight-block height)
@@ -162,7 +162,7 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: Mosai
     n_epi = (wm // em) * (n_sub * wn // en)
     n_slots = min(cfg.epi_slots, n_epi)
     wgs_m = cta_m // wm  # warpgroup row blocks per CTA (2 when the warpgroups split M)
-    row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+    row = plgpu.Layout.WGMMA.reduce(1)
     has_bias = bias_gmem is not None
 
     def pipeline(body, compute_context):
@@ -222,22 +222,12 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: Mosai
                     for j in range(n_sub):
                         o = sums[j]
                         if has_bias:
-                            o = o + lax.broadcast_in_dim(plgpu.load(bias_smem.at[wg, j], (), layout=col),
-                                                         (wm, wn), [1])
+                            o = o + _bcast(bias_smem.at[wg, j], (wm, wn), 1)
                         outs.append(o.astype(out_dtype))
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores
                     t = 0
                     for j in range(n_sub):
-                        for ei in range(wm // em):
-                            for ej in range(wn // en):
-                                slot = t % n_slots
-                                t += 1
-                                plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)
-                                out_smem[wg, slot] = outs[j][ei * em:(ei + 1) * em, ej * en:(ej + 1) * en]
-                                plgpu.commit_smem()
-                                plgpu.copy_smem_to_gmem(
-                                    out_smem.at[wg, slot],
-                                    out_gmem.at[pl.ds(r0 + ei * em, em), pl.ds(c0 + j * wn + ej * en, en)])
+                        t = _store_tile(outs[j], out_smem.at[wg], out_gmem, r0, c0 + j * wn, t)
 
             def body(idx, a_smem, b_smem, sa_smem, carry):
                 (ki,) = idx

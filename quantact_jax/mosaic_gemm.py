@@ -81,6 +81,35 @@ def supports(m: int, n: int, k: int, out_dtype, cfg: MosaicConfig | None = None)
             and cfg.epi_tile_n * size <= 128 and cfg.smem_bytes(size) <= SMEM_LIMIT)
 
 
+def _bcast(ref, shape: tuple[int, int], dim: int) -> jax.Array:
+    """An SMEM vector loaded in the wgmma register layout and broadcast over a ``shape`` tile:
+    ``dim`` 0 for one value per row, 1 for one per column (GMEM loads into that layout are not
+    supported, hence the SMEM staging)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    return lax.broadcast_in_dim(plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim)), shape, [dim])
+
+
+def _store_tile(out: jax.Array, out_smem, out_gmem, r0, c0, start: int = 0) -> int:
+    """Write the register tile ``out`` to ``out_gmem[r0:, c0:]`` through the rotating SMEM epilogue
+    sub-tiles ``out_smem [slots, em, en]`` by TMA. ``start`` continues a rotation across calls;
+    returns where it stopped. The caller waits for the previous tile's stores first."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    slots, em, en = out_smem.shape
+    t = start
+    for ei in range(out.shape[0] // em):
+        for ej in range(out.shape[1] // en):
+            plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)  # this slot's last store has read it
+            out_smem[t % slots] = out[ei * em:(ei + 1) * em, ej * en:(ej + 1) * en]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[t % slots],
+                                    out_gmem.at[pl.ds(r0 + ei * em, em), pl.ds(c0 + ej * en, en)])
+            t += 1
+    return t
+
+
 def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: MosaicConfig):
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -141,23 +170,11 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: Mosai
                     acc = acc_ref[...]
                     for j in range(nv):
                         plgpu.barrier_wait(bars.at[wg * nv + j])
-                    row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
-                    sa = lax.broadcast_in_dim(plgpu.load(sa_smem.at[wg], (), layout=row), (tm, tn), [0])
-                    sb = lax.broadcast_in_dim(plgpu.load(sb_smem.at[wg, 0], (), layout=col), (tm, tn), [1])
-                    out = sa * (sb * acc)
+                    out = _bcast(sa_smem.at[wg], (tm, tn), 0) * (_bcast(sb_smem.at[wg, 0], (tm, tn), 1) * acc)
                     if bias_gmem is not None:
-                        out = out + lax.broadcast_in_dim(plgpu.load(sb_smem.at[wg, 1], (), layout=col), (tm, tn), [1])
-                    out = out.astype(out_dtype)
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    for ei in range(tm // em):
-                        for ej in range(tn // en):
-                            slot = (ei * (tn // en) + ej) % n_slots
-                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                            out_smem[wg, slot] = out[ei * em:(ei + 1) * em, ej * en:(ej + 1) * en]
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(
-                                out_smem.at[wg, slot],
-                                out_gmem.at[pl.ds(mi * tm + ei * em, em), pl.ds(n0 + ej * en, en)])
+                        out = out + _bcast(sb_smem.at[wg, 1], (tm, tn), 1)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores
+                    _store_tile(out.astype(out_dtype), out_smem.at[wg], out_gmem, mi * tm, n0)
 
             def mma(_, a_smem, b_smem, acc_ref):
                 plgpu.wgmma(acc_ref, a_smem, b_smem.at[pl.ds(wg * tn, tn)].T)
@@ -309,13 +326,10 @@ def _decode_kernel(w_gmem, x_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg
                     if has_vecs:
                         for j in range(nv):
                             plgpu.barrier_wait(bars.at[wg * nv + j])
-                        row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
-                        sb = lax.broadcast_in_dim(plgpu.load(sb_smem.at[wg, 0], (), layout=row), (tn, mp), [0])
-                        sa = lax.broadcast_in_dim(plgpu.load(sa_smem.at[wg, pl.ds(0, mp)], (), layout=col), (tn, mp), [1])
-                        out = sa * (sb * out)
+                        out = (_bcast(sa_smem.at[wg, pl.ds(0, mp)], (tn, mp), 1)
+                               * (_bcast(sb_smem.at[wg, 0], (tn, mp), 0) * out))
                         if bias_gmem is not None:
-                            out = out + lax.broadcast_in_dim(plgpu.load(sb_smem.at[wg, 1], (), layout=row),
-                                                             (tn, mp), [0])
+                            out = out + _bcast(sb_smem.at[wg, 1], (tn, mp), 0)
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     out_smem[wg] = out.astype(out_dtype)
                     plgpu.commit_smem()
