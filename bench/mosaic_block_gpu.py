@@ -54,33 +54,33 @@ def check(res) -> bool:
     import test_mosaic_block_gemm as T  # the test file's problem builder and tolerance
 
     ok = True
-    for (m, n, k) in CHECK_SHAPES:
-        for bias in (False, True):
-            for out_dtype in (jnp.bfloat16, jnp.float32):
-                name = f"{m}x{n}x{k} bias={bias} {jnp.dtype(out_dtype).name}"
-                try:
-                    qa, wq, ws, b = T._problem(m, n, k, bias)
-                    T._check(T._run(qa, wq, ws, b, out_dtype), qa, wq, ws, b, out_dtype)
-                    res["check"][name] = "ok"
-                except Exception as e:
-                    ok = False
-                    res["check"][name] = f"FAIL {type(e).__name__}: {str(e)[:300]}"
-                    traceback.print_exc()
-                print(f"check {name}: {res['check'][name]}", flush=True)
-    # every sweep config once, on a shape with partial tiles
-    m, n, k = 300, 768, 1152
-    qa, wq, ws, b = T._problem(m, n, k, True, seed=1)
-    for cfg in SWEEP:
-        cfg = MB.fit_smem(cfg, k)
-        name = f"{m}x{n}x{k} {dataclasses.astuple(cfg)}"
+
+    def checked(name: str, run) -> None:
+        """Run one check; record "ok" or the failure under ``name``."""
+        nonlocal ok
         try:
-            T._check(T._run(qa, wq, ws, b, jnp.bfloat16, cfg), qa, wq, ws, b, jnp.bfloat16)
+            run()
             res["check"][name] = "ok"
         except Exception as e:
             ok = False
             res["check"][name] = f"FAIL {type(e).__name__}: {str(e)[:300]}"
             traceback.print_exc()
         print(f"check {name}: {res['check'][name]}", flush=True)
+
+    for (m, n, k) in CHECK_SHAPES:
+        for bias in (False, True):
+            for out_dtype in (jnp.bfloat16, jnp.float32):
+                def run(m=m, n=n, k=k, bias=bias, out_dtype=out_dtype):
+                    qa, wq, ws, b = T._problem(m, n, k, bias)
+                    T._check(T._run(qa, wq, ws, b, out_dtype), qa, wq, ws, b, out_dtype)
+                checked(f"{m}x{n}x{k} bias={bias} {jnp.dtype(out_dtype).name}", run)
+    # every sweep config once, on a shape with partial tiles
+    m, n, k = 300, 768, 1152
+    qa, wq, ws, b = T._problem(m, n, k, True, seed=1)
+    for cfg in SWEEP:
+        cfg = MB.fit_smem(cfg, k)
+        checked(f"{m}x{n}x{k} {dataclasses.astuple(cfg)}",
+                lambda cfg=cfg: T._check(T._run(qa, wq, ws, b, jnp.bfloat16, cfg), qa, wq, ws, b, jnp.bfloat16))
     return ok
 
 
