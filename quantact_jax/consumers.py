@@ -258,10 +258,9 @@ def scaled_mm(x: QuantizedActivation | jax.Array, weight: jax.Array, weight_scal
     mosaic_types = (mosaic_gemm.MosaicConfig, mosaic_gemm.DecodeConfig, mosaic_block_gemm.MosaicBlockConfig)
     decode = m <= 64 and not isinstance(config, mosaic_gemm.MosaicConfig)
     if backend == "auto":
-        if a_mode == "group128":
-            fits = not decode and mosaic_block_gemm.supports(m, n, k, out_dtype)
-        else:  # decode-sized M stays on Triton: exact f32 accumulation at the same device time (docstring)
-            fits = not decode and mosaic_gemm.supports(m, n, k, out_dtype)
+        # decode-sized M stays on Triton: exact f32 accumulation at the same device time (docstring)
+        fits_mosaic = mosaic_block_gemm.supports if a_mode == "group128" else mosaic_gemm.supports
+        fits = not decode and fits_mosaic(m, n, k, out_dtype)
         backend = "mosaic" if not interpret and config is None and _is_hopper() and fits else "triton"
     if backend == "mosaic":
         if isinstance(config, MatmulConfig):
