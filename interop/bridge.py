@@ -64,6 +64,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -288,6 +289,8 @@ _LEAN_ENV = "QUANTACT_LEAN_DLPACK"  # "0" forces the public path (tests, and an 
 _lean_state: dict[str, Any] = {"enabled": os.environ.get(_LEAN_ENV, "1") != "0", "api": None, "reason": None}
 _endpoints: dict[Any, Any] = {}     # torch.device -> _Endpoint, or None where the lean path is unusable
 _ext_streams: dict[int, Any] = {}   # JAX external-ready stream pointer -> torch.cuda.ExternalStream
+_cuda_events: dict[tuple[int, int], Any] = {}  # (CUDA device index, thread id) -> the event of its waits
+_torch_streams: dict[tuple, Any] = {}  # torch._C._cuda_getCurrentStream() tuple -> torch.cuda.Stream
 
 
 class _Endpoint(NamedTuple):
@@ -296,20 +299,45 @@ class _Endpoint(NamedTuple):
     jax_device: Any  # the device jax.dlpack.from_dlpack maps the torch device to
     dl_type: int     # DLPack device type (kDLCPU = 1, kDLCUDA = 2)
     cuda: bool
+    index: int = -1  # CUDA: the device index, and torch's C entry points the per-call stream work uses
+    current_stream_ids: Any = None  # torch._C._cuda_getCurrentStream: index -> (stream id, device, type)
+    current_raw_stream: Any = None  # torch._C._cuda_getCurrentRawStream: index -> cudaStream_t
+    record: Any = None              # torch._C._CudaEventBase.record(event, stream)
+    wait: Any = None                # torch._C._CudaEventBase.wait(event, stream)
 
 
-def _lean_api() -> tuple[Any, Any, Any, Any] | None:
+def _cuda_endpoint(jax_device: Any, dl_type: int, index: int) -> _Endpoint:
+    """A CUDA endpoint: the C functions behind ``torch.cuda.current_stream`` and ``torch.cuda.Event``'s
+    ``record`` / ``wait`` (their Python wrappers cost microseconds per call)."""
+    import torch
+
+    c = torch._C
+    return _Endpoint(jax_device, dl_type, True, index, c._cuda_getCurrentStream, c._cuda_getCurrentRawStream,
+                     c._CudaEventBase.record, c._CudaEventBase.wait)
+
+
+class _LeanAPI(NamedTuple):
+    imp: Any  # jaxlib: DLPack capsule -> jax.Array (dlpack_managed_tensor_to_buffer)
+    exp: Any  # jaxlib: jax.Array -> DLPack capsule (buffer_to_dlpack_managed_tensor)
+    t2d: Any  # torch: tensor -> capsule (torch.utils.dlpack.to_dlpack, a C function)
+    d2t: Any  # torch: capsule -> tensor (the C function torch.utils.dlpack.from_dlpack ends in)
+
+
+def _lean_api() -> _LeanAPI | None:
     """(jaxlib import, jaxlib export, torch to_dlpack, torch from_dlpack), or None if this jaxlib lacks them."""
     api = _lean_state["api"]
     if api is None:
         try:
+            import torch
             import torch.utils.dlpack as tdl
             from jax._src.lib import (
                 _jax,  # private: the module jax.dlpack itself calls into
             )
 
-            api = (_jax.dlpack_managed_tensor_to_buffer, _jax.buffer_to_dlpack_managed_tensor, tdl.to_dlpack,
-                   tdl.from_dlpack)
+            # torch.utils.dlpack.from_dlpack(capsule) is Python around the C _from_dlpack (it looks
+            # for __dlpack__ first); a capsule needs only the C call
+            api = _LeanAPI(_jax.dlpack_managed_tensor_to_buffer, _jax.buffer_to_dlpack_managed_tensor, tdl.to_dlpack,
+                           getattr(torch._C, "_from_dlpack", tdl.from_dlpack))
         except (ImportError, AttributeError) as e:
             api = False
             _lean_state["reason"] = f"jaxlib has no lean DLPack entry points ({type(e).__name__}: {e})"
@@ -341,17 +369,49 @@ def _cuda_stream_ptr(stream: Any) -> int:
     return 1 if ptr == 0 else ptr
 
 
+def _current_stream_ptr(ep: _Endpoint) -> int:
+    """``_cuda_stream_ptr(torch.cuda.current_stream(device))`` without building a Stream object."""
+    ptr = ep.current_raw_stream(ep.index)
+    return 1 if ptr == 0 else ptr
+
+
+def _torch_current_stream(ep: _Endpoint) -> Any:
+    """``torch.cuda.current_stream(device)`` from the C call, with one Stream object per (stream id,
+    device, type) triple instead of one per call (a torch Stream object is only that triple)."""
+    ids = ep.current_stream_ids(ep.index)
+    st = _torch_streams.get(ids)
+    if st is None:
+        import torch
+
+        if len(_torch_streams) > 256:  # streams made on the fly: stay bounded
+            _torch_streams.clear()
+        st = _torch_streams[ids] = torch.cuda.Stream(stream_id=ids[0], device_index=ids[1], device_type=ids[2])
+    return st
+
+
 def _wait_for_torch(ep: _Endpoint, device: Any) -> int:
     """Make JAX's external-ready stream wait for torch's current stream of ``device`` (what torch's
     ``__dlpack__(stream=s)`` does: record an event on the current stream, make ``s`` wait for it);
-    returns that JAX stream, to be given to the import whose buffer carries the wait."""
-    import torch
+    returns that JAX stream, to be given to the import whose buffer carries the wait.
 
-    s = ep.jax_device.get_stream_for_external_ready_events()
+    The event is reused, one per (device, thread), recorded and waited on back to back: a stream
+    wait captures the event's latest record at the time of the call, so recording it again later
+    does not change waits already queued. This skips creating and destroying a CUDA event per call
+    and the Python layers of ``Stream.wait_stream`` / ``torch.cuda.current_stream``."""
+    s = ep.jax_device.get_stream_for_external_ready_events()  # JAX may rotate through several
     ext = _ext_streams.get(s)
     if ext is None:
+        import torch
+
         ext = _ext_streams[s] = torch.cuda.ExternalStream(s, device=device)
-    ext.wait_stream(torch.cuda.current_stream(device))
+    ev_key = (ep.index, threading.get_ident())
+    ev = _cuda_events.get(ev_key)
+    if ev is None:
+        import torch
+
+        ev = _cuda_events[ev_key] = torch.cuda.Event()
+    ep.record(ev, _torch_current_stream(ep))
+    ep.wait(ev, ext)
     return s
 
 
@@ -372,14 +432,23 @@ def _probe(device: Any) -> _Endpoint | None:
             ref = jax.dlpack.from_dlpack(probe)  # the public path chooses the device (torch exports the current one)
         (jdev,) = ref.devices()
         dl_type = int(probe.__dlpack_device__()[0])
-        ep = _Endpoint(jdev, dl_type, device.type == "cuda")
+        if device.type == "cuda":
+            ep = _cuda_endpoint(jdev, dl_type, device.index)
+            # the C calls name the stream torch.cuda.current_stream names
+            cur = torch.cuda.current_stream(device)
+            if _torch_current_stream(ep) != cur or _current_stream_ptr(ep) != _cuda_stream_ptr(cur):
+                _lean_state["reason"] = f"torch's current-stream C calls on {device} disagree with torch.cuda.current_stream"
+                return None
+        else:
+            ep = _Endpoint(jdev, dl_type, False)
         stream = _wait_for_torch(ep, device) if ep.cuda else None
         a = imp(t2d(probe), jdev, stream, False, dl_type)
         ok = (isinstance(a, jax.Array) and a.devices() == {jdev} and a.shape == (64,) and a.dtype == np.uint8
               and a.unsafe_buffer_pointer() == probe.data_ptr())
         ok = ok and np.array_equal(np.asarray(a), np.arange(64, dtype=np.uint8))
-        back = d2t(exp(a, stream=_cuda_stream_ptr(torch.cuda.current_stream(device)) if ep.cuda else None))
-        ok = ok and back.device == probe.device and back.dtype == probe.dtype and back.data_ptr() == probe.data_ptr()
+        back = d2t(exp(a, stream=_current_stream_ptr(ep) if ep.cuda else None))
+        ok = ok and (isinstance(back, torch.Tensor) and back.device == probe.device and back.dtype == probe.dtype
+                     and back.data_ptr() == probe.data_ptr())
         if not ok:
             _lean_state["reason"] = f"lean DLPack probe on {device} disagreed with the public path"
             return None
@@ -436,6 +505,11 @@ def tensors_to_jax(tensors: Sequence[Any], *, copy: bool | None = None, joint: b
     made them already (the torch ops validate every argument before importing).
     """
     tensors = tuple(tensors)
+    if checked and not copy and tensors and tensors[0] is not None:  # the torch ops: x first, all checked
+        device = tensors[0].device
+        ep = _endpoints.get(device)
+        if ep is not None:
+            return _lean_import(ep, device, tensors, 0, joint, copy)
     first = next((i for i, t in enumerate(tensors) if t is not None), None)
     if first is None:
         return tensors
@@ -446,22 +520,25 @@ def tensors_to_jax(tensors: Sequence[Any], *, copy: bool | None = None, joint: b
         for i, t in enumerate(tensors):
             if t is not None:
                 _check_tensor_for_jax(t, device, f"tensor {i}")
-    ep = _endpoint(device)
+    ep = _endpoints.get(device) or _endpoint(device)
     if ep is None:
         return tuple(None if t is None else to_jax(t, copy=copy) for t in tensors)
-    imp, _, t2d, _ = _lean_state["api"]
-    jdev, dl_type = ep.jax_device, ep.dl_type
+    return _lean_import(ep, device, tensors, first, joint, copy)
+
+
+def _lean_import(ep: _Endpoint, device: Any, tensors: tuple, first: int, joint: bool, copy: bool | None) -> tuple:
+    api = _lean_state["api"]
+    imp, t2d, jdev, dl_type = api.imp, api.t2d, ep.jax_device, ep.dl_type
     stream = _wait_for_torch(ep, device) if ep.cuda else None
     out = []
     for i, t in enumerate(tensors):
         if t is None:
             out.append(None)
             continue
-        s = stream if (i == first or not joint) else None
         try:
             if not t.is_contiguous():  # compact but permuted: the public path handles its layout
                 raise BufferError("not contiguous")
-            out.append(imp(t2d(t), jdev, s, False, dl_type))
+            out.append(imp(t2d(t), jdev, stream if (i == first or not joint) else None, False, dl_type))
         except Exception:  # noqa: BLE001 -- e.g. an unaligned CPU buffer: to_jax copies/warns/raises as documented
             out.append(to_jax(t, copy=copy))
     return tuple(out)
@@ -479,9 +556,19 @@ def arrays_to_torch(arrays: Sequence[Any], *, copy: bool | None = None, device: 
     (concrete, not deleted, one device, dtype) for callers that know them to hold (the torch ops
     export their executable's outputs).
     """
+    arrays = tuple(arrays)
+    if checked and device is not None and not copy:  # the torch ops: their executable's outputs
+        ep = _endpoints.get(device)
+        if ep is not None:
+            api = _lean_state["api"]
+            exp, d2t = api.exp, api.d2t
+            stream = _current_stream_ptr(ep) if ep.cuda else None
+            out = []
+            for a in arrays:
+                out.append(None if a is None else d2t(exp(a, stream=stream)))
+            return tuple(out)
     import torch
 
-    arrays = tuple(arrays)
     first = next((a for a in arrays if a is not None), None)
     if first is None:
         return arrays
@@ -502,8 +589,9 @@ def arrays_to_torch(arrays: Sequence[Any], *, copy: bool | None = None, device: 
     ep = _endpoint(device) if device.type in ("cpu", "cuda") else None
     if ep is None:
         return tuple(None if a is None else to_torch(a, copy=copy) for a in arrays)
-    _, exp, _, d2t = _lean_state["api"]
-    stream = _cuda_stream_ptr(torch.cuda.current_stream(device)) if ep.cuda else None
+    api = _lean_state["api"]
+    exp, d2t = api.exp, api.d2t
+    stream = _current_stream_ptr(ep) if ep.cuda else None
     out = []
     for a in arrays:
         if a is None:

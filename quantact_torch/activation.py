@@ -55,6 +55,12 @@ def scale_storage(scale: torch.Tensor, key: QuantKey, orig_shape) -> torch.Tenso
             f"(1, {mp})): {e}") from e
 
 
+#: Metadata (key, orig_shape, orig_dtype, data shape/dtype, scale storage shape/dtype) that
+#: ``check_storage`` accepted: ``validate`` runs the check once per combination (a pure function
+#: of these; the scale view's strides are checked on every call by ``scale_storage``).
+_VALID: set[tuple] = set()
+
+
 @dataclasses.dataclass
 class QuantizedActivation:
     """vLLM-style quantized activation (same fields and semantics as the JAX pytree).
@@ -86,9 +92,22 @@ class QuantizedActivation:
         if self.data.device != self.scale.device:
             raise QuantLayoutError(f"data is on {self.data.device} but scale on {self.scale.device}")
         storage = self.scale_storage()
+        meta = None
+        if not torch.compiler.is_compiling():  # eager: check each metadata combination once
+            meta = (self.quant_key, self.orig_shape, self.orig_dtype, self.data.shape, self.data.dtype, storage.shape,
+                    storage.dtype)
+            try:
+                if meta in _VALID:
+                    return self
+            except TypeError:  # unhashable metadata: check every time
+                meta = None
         check_storage(self.quant_key, tuple(self.orig_shape), canonical_dtype(self.orig_dtype),
                       tuple(self.data.shape), canonical_dtype(self.data.dtype),
                       tuple(storage.shape), canonical_dtype(storage.dtype))
+        if meta is not None:
+            if len(_VALID) >= 4096:  # shapes made on the fly: stay bounded
+                _VALID.clear()
+            _VALID.add(meta)
         return self
 
     def __repr__(self) -> str:

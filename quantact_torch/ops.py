@@ -67,7 +67,7 @@ import functools
 import math
 import os
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -94,6 +94,11 @@ Tensor = torch.Tensor
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 _DYNAMIC_SCALE = "{key} is dynamic (the kernel computes its scales): do not pass scale"
+_CAPTURE_MSG = (
+    "quantact ops cannot run during CUDA graph capture: the Pallas kernel is a JAX executable launched "
+    "on JAX's own stream with JAX's allocator, which a torch CUDA graph does not record. Call the op "
+    "outside the captured region (torch.compile(mode='reduce-overhead') leaves these ops out of its graphs)")
+_C = torch._C
 
 
 # ---------------------------------------------------------------- checks (shared by the kernels and the fakes)
@@ -179,23 +184,16 @@ def _check_mm(key: QuantKey, x: Tensor, x_scale: Tensor | None, orig_dtype: torc
 
 def _refuse_capture(x: Tensor) -> None:
     if x.device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "quantact ops cannot run during CUDA graph capture: the Pallas kernel is a JAX executable launched "
-            "on JAX's own stream with JAX's allocator, which a torch CUDA graph does not record. Call the op "
-            "outside the captured region (torch.compile(mode='reduce-overhead') leaves these ops out of its graphs)")
+        raise RuntimeError(_CAPTURE_MSG)
 
 
-def _runnable(x: Tensor) -> contextlib.AbstractContextManager:
-    """The device context for the call; refuses devices the bridge cannot share and CUDA graph capture."""
+def _device_index(x: Tensor) -> int:
+    """The CUDA device index of the call (-1 on CPU); refuses devices the bridge cannot share."""
     if x.device.type == "cpu":
-        return contextlib.nullcontext()
+        return -1
     if x.device.type != "cuda":
         raise BridgeError(f"quantact ops run on cpu and cuda tensors, got a tensor on {x.device}")
-    # torch's __dlpack__ orders the *current device's* current stream: make it the input's device
-    ctx = torch.cuda.device(x.device) if x.device.index != torch.cuda.current_device() else contextlib.nullcontext()
-    with ctx:
-        _refuse_capture(x)
-    return ctx
+    return x.device.index
 
 
 # ---------------------------------------------------------------- the JAX side (cached jitted functions)
@@ -287,20 +285,20 @@ def clear_view_cache() -> None:
     _views.clear()
 
 
-def _call(fn, x: Tensor, args: tuple[Tensor | None, ...], cached: tuple[int, ...] = ()) -> tuple:
-    """Run jitted ``fn(x, *args)`` on torch tensors already validated by the op's checks; returns
-    JAX's outputs as torch tensors. No device copies: the tensors are imported zero-copy (a CPU buffer
-    that is not 64-byte aligned is copied by XLA, with a ``BridgeCopyWarning``; on CUDA a copy is an
-    error) and the outputs are the executable's own buffers.
+def _call(plan: _Plan, x: Tensor, args: tuple[Tensor | None, ...]) -> tuple:
+    """Run the plan's jitted ``fn(x, *args)`` on torch tensors already validated by the op's checks;
+    returns JAX's outputs as torch tensors. No device copies: the tensors are imported zero-copy (a
+    CPU buffer that is not 64-byte aligned is copied by XLA, with a ``BridgeCopyWarning``; on CUDA a
+    copy is an error) and the outputs are the executable's own buffers.
 
-    ``args[i]`` for ``i`` in ``cached`` (weights, weight scales, bias, static scales) are looked up
-    in the view cache first. All tensors of the call are imported in one ``tensors_to_jax(joint=True)``
-    with ``x`` first: on CUDA JAX's stream waits for torch's current stream once, through ``x``'s
-    ready event, and the executable waits for ``x`` like for all its inputs, so every tensor --
-    including weights imported by an earlier call -- is read after the torch work queued before
-    this call. The outputs come back through ``arrays_to_torch``: torch's current stream waits for
-    each of them."""
-    cpu = x.device.type == "cpu"
+    ``args[i]`` for ``i`` in ``plan.cached`` (weights, weight scales, bias, static scales) are looked
+    up in the view cache first. All tensors of the call are imported in one
+    ``tensors_to_jax(joint=True)`` with ``x`` first: on CUDA JAX's stream waits for torch's current
+    stream once, through ``x``'s ready event, and the executable waits for ``x`` like for all its
+    inputs, so every tensor -- including weights imported by an earlier call -- is read after the
+    torch work queued before this call. The outputs come back through ``arrays_to_torch``: torch's
+    current stream waits for each of them."""
+    cached = plan.cached
     jargs: list[Any] = [None] * len(args)
     todo, pos, keys = [x], [-1], {}
     for i, t in enumerate(args):
@@ -315,32 +313,119 @@ def _call(fn, x: Tensor, args: tuple[Tensor | None, ...], cached: tuple[int, ...
             t = t.detach()  # a new TensorImpl on the same storage: the capsule must not keep the owner alive
         todo.append(t)
         pos.append(i)
-    imported = tensors_to_jax(todo, copy=None if cpu else False, joint=True, checked=True)
+    imported = tensors_to_jax(todo, copy=None if plan.cuda < 0 else False, joint=True, checked=True)
     for i, a in zip(pos[1:], imported[1:]):
         jargs[i] = a
         if i in keys:
             _remember(keys[i], args[i], a)
-    outs = fn(imported[0], *jargs)
-    return arrays_to_torch(outs if isinstance(outs, tuple) else (outs,), copy=False, device=x.device, checked=True)
+    outs = plan.fn(imported[0], *jargs)
+    return arrays_to_torch(outs if isinstance(outs, tuple) else (outs,), copy=False, device=plan.device,
+                           checked=True)
+
+
+def _run(plan: _Plan, x: Tensor, args: tuple[Tensor | None, ...]) -> tuple:
+    """``_call`` on the input's device: refuses CUDA graph capture, and makes the input's device the
+    current one for the call where it is not (torch's ``__dlpack__``, which the public bridge path
+    uses, orders the *current device's* current stream)."""
+    idx = plan.cuda
+    if idx < 0:
+        return _call(plan, x, args)
+    if _C._cuda_getDevice() == idx:  # torch.cuda.current_device() minus its Python layer
+        if _C._cuda_isCurrentStreamCapturing():  # torch.cuda.is_current_stream_capturing()
+            raise RuntimeError(_CAPTURE_MSG)
+        return _call(plan, x, args)
+    with torch.cuda.device(idx):
+        if _C._cuda_isCurrentStreamCapturing():
+            raise RuntimeError(_CAPTURE_MSG)
+        return _call(plan, x, args)
+
+
+# ---------------------------------------------------------------- call plans
+class _Plan(NamedTuple):
+    """What a call needs beyond its tensors, prepared once per (op, key, scalar arguments, metadata
+    of every tensor argument): the checks, which depend on nothing else, have passed; the jitted
+    function is looked up; the output's shape is worked out."""
+
+    fn: Any                          # the cached jax.jit of the op
+    cuda: int                        # the CUDA device index; -1 on CPU
+    device: torch.device             # the tensors' device
+    cached: tuple[int, ...]          # argument positions read through the view cache (weight-like)
+    orig_shape: torch.Size | None = None  # producers: the activation's orig_shape (x's, with K)
+    static: bool = False             # producers: a static key (the scale is the caller's tensor)
+
+
+#: At most this many call plans are kept (cleared when full, so shapes made on the fly stay bounded).
+PLAN_CACHE_SIZE = 4096
+_plans: dict[tuple, _Plan] = {}
+
+
+def _meta(t: Any) -> tuple | None:
+    """What the checks of a tensor argument read: type, shape, dtype, device, contiguity."""
+    return None if t is None else (type(t), t.shape, t.dtype, t.device, t.is_contiguous())
+
+
+def _keep(pk: tuple | None, plan: _Plan) -> _Plan:
+    if pk is not None:
+        if len(_plans) >= PLAN_CACHE_SIZE:
+            _plans.clear()
+        _plans[pk] = plan
+    return plan
+
+
+def clear_plan_cache() -> None:
+    """Drop every call plan (they are rebuilt, with their checks, on the next call)."""
+    _plans.clear()
+
+
+def _producer_plan(op: str, key: str, x: Tensor, weight: Tensor | None, residual: Tensor | None,
+                   scale: Tensor | None, global_scale: Tensor | None, scale_ub: Tensor | None, eps: float) -> _Plan:
+    """The producer call's plan: looked up by metadata, or made by the full checks (which raise)."""
+    try:
+        pk = (op, key, eps, _meta(x), _meta(weight), _meta(residual), _meta(scale), _meta(global_scale),
+              _meta(scale_ub))
+        plan = _plans.get(pk)
+    except Exception:  # noqa: BLE001 -- not tensors (or unhashable): the checks below say what is wrong
+        pk = plan = None
+    if plan is not None:
+        return plan
+    qkey = parse_quant_key(key)
+    k = _check_producer(op, qkey, x, weight, residual, scale, global_scale, scale_ub)
+    cuda = _device_index(x)
+    fn = _producer_fn(op, key, float(eps), cuda < 0)
+    return _keep(pk, _Plan(fn, cuda, x.device, (0, 2), torch.Size((*x.shape[:-1], k)), qkey.scale.static))
+
+
+def _consumer_plan(x: Tensor, x_scale: Tensor | None, key: str, orig_dtype: torch.dtype | None, weight: Tensor,
+                   weight_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype | None,
+                   input_scale: Tensor | None, weight_key: str | None) -> _Plan:
+    """The consumer call's plan: looked up by metadata, or made by the full checks (which raise)."""
+    try:
+        pk = ("mm", key, weight_key, orig_dtype, out_dtype, _meta(x), _meta(x_scale), _meta(weight),
+              _meta(weight_scale), _meta(bias), _meta(input_scale))
+        plan = _plans.get(pk)
+    except Exception:  # noqa: BLE001 -- not tensors (or unhashable): the checks below say what is wrong
+        pk = plan = None
+    if plan is not None:
+        return plan
+    _check_mm(parse_quant_key(key), x, x_scale, orig_dtype, weight, weight_scale, bias, input_scale)
+    cuda = _device_index(x)
+    fn = _consumer_fn(key, weight_key, None if orig_dtype is None else canonical_dtype(orig_dtype),
+                      None if out_dtype is None else canonical_dtype(out_dtype), cuda < 0)
+    return _keep(pk, _Plan(fn, cuda, x.device, (1, 2, 3, 4)))
 
 
 # ---------------------------------------------------------------- custom ops
 def _produce(op: str, key: str, x: Tensor, weight: Tensor | None, residual: Tensor | None, scale: Tensor | None,
              global_scale: Tensor | None, scale_ub: Tensor | None, eps: float) -> list[Tensor]:
-    _check_producer(op, parse_quant_key(key), x, weight, residual, scale, global_scale, scale_ub)
-    with _runnable(x):
-        fn = _producer_fn(op, key, float(eps), x.device.type == "cpu")
-        return list(_call(fn, x, (weight, residual, scale, global_scale, scale_ub), cached=(0, 2)))
+    plan = _producer_plan(op, key, x, weight, residual, scale, global_scale, scale_ub, eps)
+    return list(_run(plan, x, (weight, residual, scale, global_scale, scale_ub)))
 
 
 def _consume(x: Tensor, x_scale: Tensor | None, key: str, orig_dtype: torch.dtype | None, weight: Tensor,
              weight_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype | None, input_scale: Tensor | None,
              weight_key: str | None) -> Tensor:
-    _check_mm(parse_quant_key(key), x, x_scale, orig_dtype, weight, weight_scale, bias, input_scale)
-    with _runnable(x):
-        fn = _consumer_fn(key, weight_key, None if orig_dtype is None else canonical_dtype(orig_dtype),
-                          None if out_dtype is None else canonical_dtype(out_dtype), x.device.type == "cpu")
-        return _call(fn, x, (x_scale, weight, weight_scale, bias, input_scale), cached=(1, 2, 3, 4))[0]
+    plan = _consumer_plan(x, x_scale, key, orig_dtype, weight, weight_scale, bias, out_dtype, input_scale, weight_key)
+    return _run(plan, x, (x_scale, weight, weight_scale, bias, input_scale))[0]
 
 
 def _produce_fake(op: str, key: str, x: Tensor, weight: Tensor | None, residual: Tensor | None,
@@ -411,14 +496,19 @@ def _(x, x_scale, key, orig_dtype, weight, weight_scale, bias, out_dtype, input_
 
 
 # ---------------------------------------------------------------- public wrappers
-_C = torch._C
 #: Public wrappers call the op's implementation directly in plain eager mode (see ``_direct``);
 #: ``QUANTACT_DIRECT_EAGER=0`` (or setting this to False) always goes through ``torch.ops.quantact``.
-DIRECT_EAGER = os.environ.get("QUANTACT_DIRECT_EAGER", "1") != "0" and all(
+_EAGER_PROBES = all(
     hasattr(m, n) for m, n in ((_C, "_len_torch_function_stack"), (_C, "_len_torch_dispatch_stack"),
                                (_C, "_any_requires_grad"), (getattr(_C, "_functorch", None), "peek_interpreter_stack"),
-                               (getattr(_C, "_autograd", None), "_profiler_enabled")))
+                               (getattr(_C, "_autograd", None), "_profiler_enabled"), (_C, "_is_tracing")))
+DIRECT_EAGER = os.environ.get("QUANTACT_DIRECT_EAGER", "1") != "0" and _EAGER_PROBES
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+if _EAGER_PROBES:  # bound once: each is a C function (no attribute chain per call)
+    _fn_stack, _dispatch_stack, _peek_functorch = (_C._len_torch_function_stack, _C._len_torch_dispatch_stack,
+                                                   _C._functorch.peek_interpreter_stack)
+    _profiling, _tracing, _grad_on, _any_grad = (_C._autograd._profiler_enabled, _C._is_tracing, _C.is_grad_enabled,
+                                                 _C._any_requires_grad)
 
 
 def _direct(x: Tensor, *more: Tensor | None) -> bool:
@@ -429,17 +519,17 @@ def _direct(x: Tensor, *more: Tensor | None) -> bool:
     torch.compile (Dynamo folds ``is_compiling()``), torch.jit tracing, torch function and dispatch
     modes (FakeTensorMode, make_fx/export, TorchDispatchMode loggers), functorch transforms (vmap,
     grad), the profiler, tensor subclasses, devices other than cpu/cuda (meta: the fake
-    implementation), and inputs that require grad with grad mode on (the op's autograd kernel)."""
+    implementation), and inputs that require grad with grad mode on (the op's autograd kernel).
+    (``torch.jit.is_tracing()`` is ``torch._C._is_tracing()`` outside TorchScript.)"""
     if not DIRECT_EAGER or torch.compiler.is_compiling():
         return False
-    if type(x) not in _PLAIN or x.device.type not in ("cpu", "cuda"):
+    if type(x) not in _PLAIN or not (x.is_cuda or x.is_cpu):
         return False
     for t in more:
         if t is not None and type(t) not in _PLAIN:
             return False
-    return (_C._len_torch_function_stack() == 0 and _C._len_torch_dispatch_stack() == 0
-            and _C._functorch.peek_interpreter_stack() is None and not _C._autograd._profiler_enabled()
-            and not torch.jit.is_tracing() and not (_C.is_grad_enabled() and _C._any_requires_grad(x, *more)))
+    return (_fn_stack() == 0 and _dispatch_stack() == 0 and _peek_functorch() is None and not _profiling()
+            and not _tracing() and not (_grad_on() and _any_grad(x, *more)))
 
 
 def _scale_fields(s: ScaleDesc | None) -> tuple:
@@ -454,6 +544,7 @@ def _key_str_of(dtype: str, symmetric: bool, *scales: Any) -> str:
 
 
 _key_strs: dict[QuantKey, str] = {}  # eager calls: str(key) once per distinct key value
+_key_ids: dict[int, tuple[QuantKey, str]] = {}  # and per key object (no dataclass hash per call)
 
 
 def _key_str(key: QuantKey) -> str:
@@ -461,14 +552,21 @@ def _key_str(key: QuantKey) -> str:
     enum fields (plain attribute reads that Dynamo traces) and only those reach the
     ``assume_constant_result`` function: Dynamo before torch 2.12 cannot turn a frozen-dataclass
     argument such as ``QuantKey`` into a constant ("currently can't reconstruct arbitrary frozen
-    dataclass instances"). Eager calls look the string up (keys are frozen and value-hashed); Dynamo
-    folds ``is_compiling()`` and never traces the dictionary."""
+    dataclass instances"). Eager calls look the string up, by the key object first (the entry holds
+    the key, so its id stays its own), then by value (keys are frozen and value-hashed); Dynamo folds
+    ``is_compiling()`` and never traces the dictionaries."""
     if not torch.compiler.is_compiling():
+        hit = _key_ids.get(id(key))
+        if hit is not None and hit[0] is key:
+            return hit[1]
         s = _key_strs.get(key)
         if s is None:
             if len(_key_strs) > 1024:  # keys built on the fly: stay bounded
                 _key_strs.clear()
             s = _key_strs[key] = str(key)
+        if len(_key_ids) > 1024:
+            _key_ids.clear()
+        _key_ids[id(key)] = (key, s)
         return s
     return _key_str_of(key.dtype, key.symmetric, *_scale_fields(key.scale), *_scale_fields(key.scale2))
 
@@ -521,6 +619,14 @@ def _activation(key: QuantKey, x: Tensor, k: int, outs: list[Tensor], static: Te
     return QuantizedActivation(outs[0], scale_from_storage(storage, key, orig_shape), x.dtype, orig_shape, key)
 
 
+def _planned_activation(plan: _Plan, key: QuantKey, x: Tensor, outs: tuple, static: Tensor | None
+                        ) -> QuantizedActivation:
+    """``_activation`` with the plan's orig_shape (eager direct calls)."""
+    storage = static if plan.static else outs[1]
+    return QuantizedActivation(outs[0], scale_from_storage(storage, key, plan.orig_shape), x.dtype, plan.orig_shape,
+                               key)
+
+
 def quantize(x: Tensor, key: QuantKey | None = None, *, layer: Any = None, scale: Any = None,
              global_scale: Any = None, scale_ub: Any = None) -> QuantizedActivation:
     """Quantize ``x [..., K]`` with ``key`` (or the key ``layer`` exposes) with the Pallas kernel.
@@ -536,9 +642,9 @@ def quantize(x: Tensor, key: QuantKey | None = None, *, layer: Any = None, scale
     static = _static_storage(key, scale, x, x.shape[-1])
     gs, ub = _scalar(global_scale, x), _scalar(scale_ub, x)
     if _direct(x, static, gs, ub):
-        outs = _produce("quant", _key_str(key), x, None, None, static, gs, ub, 0.0)
-    else:
-        outs = _quantize_op(x, _key_str(key), static, gs, ub)
+        plan = _producer_plan("quant", _key_str(key), x, None, None, static, gs, ub, 0.0)
+        return _planned_activation(plan, key, x, _run(plan, x, (None, None, static, gs, ub)), static)
+    outs = _quantize_op(x, _key_str(key), static, gs, ub)
     return _activation(key, x, x.shape[-1], outs, static)
 
 
@@ -556,9 +662,10 @@ def rms_norm_quant(x: Tensor, weight: Tensor, key: QuantKey | None = None, *, la
     static = _static_storage(key, scale, x, x.shape[-1])
     gs, ub = _scalar(global_scale, x), _scalar(scale_ub, x)
     if _direct(x, weight, residual, static, gs, ub):
-        outs = _produce("rms", _key_str(key), x, weight, residual, static, gs, ub, float(eps))
-    else:
-        outs = _rms_norm_quant_op(x, weight, _key_str(key), float(eps), residual, static, gs, ub)
+        plan = _producer_plan("rms", _key_str(key), x, weight, residual, static, gs, ub, float(eps))
+        outs = _run(plan, x, (weight, residual, static, gs, ub))
+        return _planned_activation(plan, key, x, outs, static), (outs[-1] if residual is not None else None)
+    outs = _rms_norm_quant_op(x, weight, _key_str(key), float(eps), residual, static, gs, ub)
     return _activation(key, x, x.shape[-1], outs, static), (outs[-1] if residual is not None else None)
 
 
@@ -571,9 +678,9 @@ def silu_and_mul_quant(x: Tensor, key: QuantKey | None = None, *, layer: Any = N
     static = _static_storage(key, scale, x, k)
     gs, ub = _scalar(global_scale, x), _scalar(scale_ub, x)
     if _direct(x, static, gs, ub):
-        outs = _produce("silu", _key_str(key), x, None, None, static, gs, ub, 0.0)
-    else:
-        outs = _silu_and_mul_quant_op(x, _key_str(key), static, gs, ub)
+        plan = _producer_plan("silu", _key_str(key), x, None, None, static, gs, ub, 0.0)
+        return _planned_activation(plan, key, x, _run(plan, x, (None, None, static, gs, ub)), static)
+    outs = _silu_and_mul_quant_op(x, _key_str(key), static, gs, ub)
     return _activation(key, x, k, outs, static)
 
 
