@@ -47,33 +47,65 @@ from quantact_jax.activation import QuantizedActivation
 F32 = jnp.float32
 U32 = jnp.uint32
 MAX_BLOCK_ELEMS = 1 << 15  # one program's row tile, elements (registers)
+SPLIT_ROWS = 128  # per-row scales: below this many rows, the row is split over programs (ProducerConfig.split)
 
 
 # ------------------------------------------------------------------ config + heuristic
 @dataclasses.dataclass(frozen=True)
 class ProducerConfig:
-    """Launch configuration: rows per program and warps per program."""
+    """Launch configuration: rows per program and warps per program.
+
+    ``row_chunk`` applies to per-row scales (dynamic per-token and per-tensor fp8/int8 keys of
+    ``quantize`` and ``silu_and_mul_quant``), whose amax needs the whole row: instead of holding
+    the row in registers (which spills for wide rows), a program loops over ``row_chunk``-wide
+    column chunks twice (the amax, then the codes; the second read mostly hits L2). With
+    ``split`` each chunk gets its own program in two kernels (partial amaxes, then the codes with
+    their max): more programs for few rows. The amax is a max, exact in any order, so every
+    variant gives the same bits. ``row_chunk`` must divide K; other keys ignore it.
+    """
 
     block_m: int = 1
     num_warps: int = 4
     num_stages: int = 1
+    row_chunk: int = 0
+    split: bool = False
 
     def __post_init__(self):
         if self.block_m < 1 or self.block_m & (self.block_m - 1):
             raise ValueError(f"block_m must be a power of two, got {self.block_m}")
         if self.num_warps not in (1, 2, 4, 8, 16, 32):
             raise ValueError(f"num_warps must be a power of two <= 32, got {self.num_warps}")
+        if self.row_chunk and (self.row_chunk < 16 or self.row_chunk & (self.row_chunk - 1)):
+            raise ValueError(f"row_chunk must be 0 or a power of two >= 16, got {self.row_chunk}")
+        if self.split and not self.row_chunk:
+            raise ValueError("split needs a row_chunk (the columns each program takes)")
 
 
-def heuristic_config(m: int, width: int, op: str = "quant", chunked: bool = False) -> ProducerConfig:
+def _pow2_divisor(k: int, most: int, least: int) -> int:
+    """The largest power of two in [least, most] dividing k, or 0."""
+    w = most
+    while w >= least and k % w:
+        w //= 2
+    return w if w >= least else 0
+
+
+def heuristic_config(m: int, width: int, op: str = "quant", chunked: bool = False,
+                     per_row: bool = False) -> ProducerConfig:
     """Rows per program and warps for a row tile ``width`` wide (a K chunk or a whole row).
 
     From the H100 sweeps (bench/producers.py --configs, results in bench/results/):
     whole-row RMSNorm is fastest with 2 rows per program (8 warps at K=4096, 16 at 8192);
     whole-row quantization with one row and K/512 warps; K chunks with one row, 4 warps.
+    ``per_row`` (per-token / per-tensor dynamic scales of quant and SiLU): rows wider than
+    4096 loop over 2048-wide chunks; fewer rows than SMs split the row over programs.
     """
     bk = pl.next_power_of_2(width)
     mp = pl.next_power_of_2(max(m, 1))
+    if per_row and op != "rms":
+        few = m < SPLIT_ROWS
+        chunk = _pow2_divisor(width, 1024 if few else 2048, 256)
+        if chunk and (few or bk > 4096):
+            return ProducerConfig(block_m=1, num_warps=4 if few else 8, row_chunk=chunk, split=few)
     if chunked:
         return ProducerConfig(block_m=min(mp, max(1, 2048 // bk)), num_warps=4)
     if op == "rms":
@@ -152,6 +184,8 @@ class _Spec:
     interpret: bool = False
     n_poison: int = 0  # aliased, pre-filled output buffers appended to the inputs (tests)
     bc: int = 0  # column chunk per program (a power of two dividing k); 0: the whole row
+    loop: bool = False  # per-row scales: one program loops over the row's bc-wide chunks
+    row_amax_given: bool = False  # split per-token pass 2: s_in holds [m, k // bc] partial amaxes
 
     @property
     def bk(self) -> int:
@@ -187,6 +221,11 @@ def _amax(a: jax.Array, axis: int, keepdims: bool = False) -> jax.Array:
     return jnp.where(has_nan, jnp.nan, mx)
 
 
+def _max_nan(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Elementwise max that propagates NaN (the running amax of the chunk loop)."""
+    return jnp.where(jnp.isnan(a) | jnp.isnan(b), jnp.nan, jnp.maximum(a, b))
+
+
 def _scale_offsets(layout: ScaleLayout, r, g, m: int, n_groups: int):
     """Flat storage offsets and in-bounds mask of logical scale (row r, group g)."""
     if layout == ScaleLayout.ROW_MAJOR:
@@ -210,7 +249,7 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
     x_ref = refs.pop(0)
     res_ref = refs.pop(0) if spec.has_residual else None
     w_ref = refs.pop(0) if spec.op == "rms" else None
-    s_in_ref = refs.pop(0) if (desc.static or spec.tensor_scale_given) else None
+    s_in_ref = refs.pop(0) if (desc.static or spec.tensor_scale_given or spec.row_amax_given) else None
     gs_ref = refs.pop(0) if fmt == QuantFormat.NVFP4 else None
     ub_ref = refs.pop(0) if spec.has_ub else None
     del refs[:spec.n_poison]  # the aliased poison inputs; their outputs follow
@@ -223,38 +262,105 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
 
     bm, bk, m, k = spec.block_m, spec.bk, spec.m, spec.k
     row0 = pl.program_id(0) * bm
-    col0 = pl.program_id(1) * bk if spec.bc else 0
-    last_chunk = (pl.program_id(1) == pl.num_programs(1) - 1) if spec.bc else True
+    col0 = pl.program_id(1) * bk if spec.bc and not spec.loop else 0
+    last_chunk = (pl.program_id(1) == pl.num_programs(1) - 1) if spec.bc and not spec.loop else True
     r = row0 + jnp.arange(bm, dtype=jnp.int32)[:, None]
-    c = col0 + jnp.arange(bk, dtype=jnp.int32)[None, :]
-    rmask, cmask = r < m, c < k
-    mask = rmask & cmask
+    rmask = r < m
     t = spec.in_dtype
 
-    def load(ref_, off=0):
+    def window(start):  # column indices and mask of the bk-wide window at `start`
+        c_ = start + jnp.arange(bk, dtype=jnp.int32)[None, :]
+        return c_, rmask & (c_ < k)
+
+    c, mask = window(col0)
+    cmask = c < k
+
+    def load(ref_, off=0, start=col0, mask_=mask, c_=c):
         if spec.bc or off + bk <= ref_.shape[1]:
-            return plgpu.load(ref_.at[pl.ds(row0, bm), pl.ds(off + col0, bk)], mask=mask, other=0)
+            return plgpu.load(ref_.at[pl.ds(row0, bm), pl.ds(off + start, bk)], mask=mask_, other=0)
         # a window past the row end: element indexing (masked lanes are never read)
-        return plgpu.load(ref_.at[jnp.minimum(r, m - 1), jnp.minimum(off + c, ref_.shape[1] - 1)],
-                          mask=mask, other=0)
+        return plgpu.load(ref_.at[jnp.minimum(r, m - 1), jnp.minimum(off + c_, ref_.shape[1] - 1)],
+                          mask=mask_, other=0)
 
     def store_data(val, width=bk, start=None):
         cols = jnp.arange(width, dtype=jnp.int32)[None, :] + (col0 if start is None else start)
         plgpu.store(data_ref.at[pl.ds(row0, bm), pl.ds(col0 if start is None else start, width)], val,
                     mask=rmask & (cols < data_ref.shape[1]))
 
-    # ---- the pre-quant value v (f32, zero outside [m, k])
-    if spec.op == "quant":
-        v = load(x_ref).astype(F32)
-    elif spec.op == "silu":
-        g, u = load(x_ref).astype(F32), load(x_ref, k).astype(F32)
+    def elementwise(start=col0, mask_=mask, c_=c):  # quant / silu: the pre-quant value v (f32, 0 outside)
+        if spec.op == "quant":
+            return load(x_ref, 0, start, mask_, c_).astype(F32)
+        g, u = load(x_ref, 0, start, mask_, c_).astype(F32), load(x_ref, k, start, mask_, c_).astype(F32)
         silu = mth.div(g, 1.0 + jnp.exp(-g))
         if fmt == QuantFormat.FP8 and desc.static:
-            v = mth.round_to(mth.round_to(silu, t) * u, t)
-        elif fmt == QuantFormat.FP8:
-            v = silu * u
+            return mth.round_to(mth.round_to(silu, t) * u, t)
+        if fmt == QuantFormat.FP8:
+            return silu * u
+        return mth.round_to(silu * u, t)
+
+    qmax = ref.INT8_MAX if fmt == QuantFormat.INT8 else ref.FP8_MAX
+    sat = functools.partial(_sat_int8, mth=mth) if fmt == QuantFormat.INT8 else ref.sat_fp8
+
+    def row_scale(amax):  # per-row scales: dynamic per-token, or per-tensor pass 2 (amax unused)
+        if spec.tensor_scale_given:  # s_in holds the global amax
+            amax_t = plgpu.load(s_in_ref.at[pl.ds(0, 1)]).reshape(1, 1)
+            return jnp.where(jnp.isnan(amax_t), jnp.nan, jnp.maximum(mth.div(amax_t, qmax), ref.FP8_MIN_SCALE))
+        if spec.row_amax_given:  # split pass 2: s_in holds the rows' partial amaxes, one per chunk
+            nch = k // bk
+            j = jnp.arange(pl.next_power_of_2(nch), dtype=jnp.int32)[None, :]
+            pm = rmask & (j < nch)
+            amax = _amax(plgpu.load(s_in_ref.at[_oob(r * nch + j, pm, m * nch)], mask=pm, other=0.0), 1,
+                         keepdims=True)
+        if fmt == QuantFormat.INT8:
+            s_ = mth.div(jnp.maximum(amax, ref.GROUP_EPS), qmax)
         else:
-            v = mth.round_to(silu * u, t)
+            if spec.has_ub:
+                amax = jnp.minimum(amax, plgpu.load(ub_ref.at[pl.ds(0, 1)]).reshape(1, 1))
+            s_ = jnp.maximum(mth.div(amax, qmax), ref.FP8_MIN_SCALE)
+        s_ = jnp.where(jnp.isnan(amax), jnp.nan, s_)  # Triton's max/min drop NaN; the policy keeps it
+        return ref.pow2_ceil(s_) if desc.ue8m0 else s_
+
+    def row_codes(v_, s_):  # vLLM: static-style per-tensor fp8 multiplies by 1/s, dynamic divides
+        if fmt == QuantFormat.FP8 and spec.tensor_scale_given:
+            return sat(v_ * mth.div(1.0, s_))
+        return sat(mth.div(v_, s_))
+
+    def store_row_scale(s_):  # one writer per row (per tensor): the row's first chunk
+        first = pl.program_id(1) == 0
+        if spec.tensor_scale_given:
+            plgpu.store(scale_ref.at[pl.ds(0, 1)], s_.reshape(1),
+                        mask=first & (pl.program_id(0) == 0) & (jnp.arange(1) == 0))
+        else:
+            plgpu.store(scale_ref.at[pl.ds(row0, bm)], s_[:, 0], mask=(r[:, 0] < m) & first)
+
+    if spec.loop:  # per-row scales over bk-wide chunks: loop 1 the amax, loop 2 the codes
+        nch = k // bk
+
+        def v_at(j):
+            c_, m_ = window(j * bk)
+            return elementwise(j * bk, m_, c_)
+
+        if spec.tensor_scale_given:
+            amax = None
+        else:
+            amax = jax.lax.fori_loop(0, nch, lambda j, acc: _max_nan(acc, _amax(jnp.abs(v_at(j)), 1, keepdims=True)),
+                                     jnp.zeros((bm, 1), F32))
+            if spec.amax_only:
+                plgpu.store(amax_ref.at[pl.ds(row0, bm)], amax[:, 0], mask=r[:, 0] < m)
+                return
+        s = row_scale(amax)
+
+        def quant_chunk(j, carry):
+            store_data(row_codes(v_at(j), s), bk, j * bk)
+            return carry
+
+        jax.lax.fori_loop(0, nch, quant_chunk, 0)
+        store_row_scale(s)
+        return
+
+    # ---- the pre-quant value v (f32, zero outside [m, k])
+    if spec.op in ("quant", "silu"):
+        v = elementwise()
     else:  # rms
         xv = load(x_ref)
         if spec.has_residual:
@@ -275,20 +381,24 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
 
     a = jnp.abs(v)
     if spec.amax_only:
-        plgpu.store(amax_ref.at[pl.ds(row0, bm)], _amax(a, 1), mask=r[:, 0] < m)
+        if spec.bc:  # split pass 1: one partial amax per (row, chunk)
+            nch = k // bk
+            live = r[:, 0] < m
+            plgpu.store(amax_ref.at[_oob(r[:, 0] * nch + pl.program_id(1), live, m * nch)], _amax(a, 1), mask=live)
+        else:
+            plgpu.store(amax_ref.at[pl.ds(row0, bm)], _amax(a, 1), mask=r[:, 0] < m)
         return
 
     # ---- quantize
     if fmt in (QuantFormat.FP8, QuantFormat.INT8):
-        qmax = ref.FP8_MAX if fmt == QuantFormat.FP8 else ref.INT8_MAX
-        sat = ref.sat_fp8 if fmt == QuantFormat.FP8 else functools.partial(_sat_int8, mth=mth)
         gs_ = desc.group_shape
-        if desc.static or spec.tensor_scale_given:
-            if spec.tensor_scale_given:  # dynamic per-tensor, pass 2: s_in holds the global amax
-                amax_t = plgpu.load(s_in_ref.at[pl.ds(0, 1)]).reshape(1, 1)
-                s = jnp.maximum(mth.div(amax_t, qmax), ref.FP8_MIN_SCALE)
-                s = jnp.where(jnp.isnan(amax_t), jnp.nan, s)
-            elif gs_.is_per_tensor():
+        if spec.tensor_scale_given or (not desc.static and gs_.is_per_token()):
+            s = row_scale(None if spec.tensor_scale_given or spec.row_amax_given else _amax(a, 1, keepdims=True))
+            store_data(row_codes(v, s))
+            store_row_scale(s)
+            return
+        if desc.static:
+            if gs_.is_per_tensor():
                 s = plgpu.load(s_in_ref.at[pl.ds(0, 1)]).reshape(1, 1)
             elif gs_.is_per_token():
                 s = plgpu.load(s_in_ref.at[pl.ds(row0, bm)], mask=r[:, 0] < m, other=1.0)[:, None]
@@ -304,21 +414,14 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
             else:
                 q = sat(mth.div(v, s))
             store_data(q)
-            if not spec.tensor_scale_given:
-                return  # static scales are the caller's; the wrapper passes them through
-            plgpu.store(scale_ref.at[pl.ds(0, 1)], s.reshape(1), mask=(pl.program_id(0) == 0) & (
-                jnp.arange(1) == 0))
-            return
-        if gs_.is_per_token():
-            amax = _amax(a, 1, keepdims=True)
-            gsize, ng = bk, 1
-        else:
-            gsize = gs_.col
-            ng = bk // gsize
-            amax = _amax(a.reshape(bm, ng, gsize), 2)
+            return  # static scales are the caller's; the wrapper passes them through
+        # dynamic per-token-group
+        gsize = gs_.col
+        ng = bk // gsize
+        amax = _amax(a.reshape(bm, ng, gsize), 2)
         if fmt == QuantFormat.INT8:
             s = mth.div(jnp.maximum(amax, ref.GROUP_EPS), qmax)
-        elif gs_.is_per_token() or spec.op != "quant":
+        elif spec.op != "quant":
             if spec.has_ub:
                 amax = jnp.minimum(amax, plgpu.load(ub_ref.at[pl.ds(0, 1)]).reshape(1, 1))
             s = jnp.maximum(mth.div(amax, qmax), ref.FP8_MIN_SCALE)
@@ -328,11 +431,7 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
         if desc.ue8m0:
             s = ref.pow2_ceil(s)
         s_full = jnp.broadcast_to(s[:, :, None], (bm, ng, gsize)).reshape(bm, bk)
-        q = sat(mth.div(v, s_full))
-        store_data(q)
-        if gs_.is_per_token():
-            plgpu.store(scale_ref.at[pl.ds(row0, bm)], s[:, 0], mask=r[:, 0] < m)
-            return
+        store_data(sat(mth.div(v, s_full)))
         n_groups = k // gsize
         gcol = col0 // gsize + jnp.arange(ng, dtype=jnp.int32)[None, :]
         live = (r < m) & (gcol < n_groups)
@@ -480,9 +579,16 @@ def _run(op: str, x: jax.Array, key: QuantKey, *, k: int, weight=None, residual=
     x2 = x.reshape(m, x.shape[-1])
     if pl.next_power_of_2(k) > MAX_BLOCK_ELEMS:
         raise QuantLayoutError(f"rows wider than {MAX_BLOCK_ELEMS} elements are not supported yet (K={k})")
-    bc = _chunk_width(op, key, k)
-    cfg = config or heuristic_config(m, bc or k, op, chunked=bool(bc))
     fmt, desc = key.format, key.scale
+    bc = _chunk_width(op, key, k)
+    dyn_tensor = fmt in (QuantFormat.FP8, QuantFormat.INT8) and not desc.static and desc.group_shape.is_per_tensor()
+    per_row = op != "rms" and (dyn_tensor or (fmt in (QuantFormat.FP8, QuantFormat.INT8) and not desc.static
+                                              and desc.group_shape.is_per_token()))  # may loop / split rows
+    cfg = config or heuristic_config(m, bc or k, op, chunked=bool(bc), per_row=per_row)
+    if per_row and cfg.row_chunk:
+        if k % cfg.row_chunk:
+            raise QuantLayoutError(f"row_chunk {cfg.row_chunk} does not divide the row width {k}")
+        bc = cfg.row_chunk
     orig_shape = (*lead, k)
 
     inputs = [x2]
@@ -516,7 +622,7 @@ def _run(op: str, x: jax.Array, key: QuantKey, *, k: int, weight=None, residual=
 
     spec = _Spec(op=op, key=key, m=m, k=k, in_dtype=x.dtype, block_m=cfg.block_m, rows_cover=_rows_cover(key, m),
                  has_residual=residual is not None, add_in_f32=add_in_f32, eps=float(eps), has_ub=has_ub,
-                 interpret=interpret, bc=bc)
+                 interpret=interpret, bc=bc, loop=per_row and bool(cfg.row_chunk) and not cfg.split)
     params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def call(spec_, inputs_, out_shapes):
@@ -528,7 +634,7 @@ def _run(op: str, x: jax.Array, key: QuantKey, *, k: int, weight=None, residual=
         return pl.pallas_call(
             functools.partial(_kernel, spec=spec_, cfg=cfg),
             out_shape=out_shapes,
-            grid=(cdiv(spec_.rows_cover, cfg.block_m), (spec_.k // spec_.bc) if spec_.bc else 1),
+            grid=(cdiv(spec_.rows_cover, cfg.block_m), (spec_.k // spec_.bc) if spec_.bc and not spec_.loop else 1),
             input_output_aliases=aliases,
             compiler_params=params, interpret=interpret, name=f"quantact_{op}_{fmt.value}",
         )(*inputs_)
@@ -537,18 +643,25 @@ def _run(op: str, x: jax.Array, key: QuantKey, *, k: int, weight=None, residual=
     data_dtype = jnp.uint8 if key.is_fp4 else jnp.dtype(key.dtype)
     res_shape = [jax.ShapeDtypeStruct((m, k), x.dtype)] if residual is not None else []
 
-    if fmt in (QuantFormat.FP8, QuantFormat.INT8) and not desc.static and desc.group_shape.is_per_tensor():
-        # pass 1: per-row amax of v; XLA: their max; pass 2: the scale (in-kernel division) and the codes
-        a_spec = dataclasses.replace(spec, amax_only=True, bc=0)
-        amax_rows = call(a_spec, inputs, [jax.ShapeDtypeStruct((m,), F32)])[0]
+    n_parts = m * (k // bc) if per_row and cfg.split else m  # pass-1 amaxes: per row, or per (row, chunk)
+    if dyn_tensor:
+        # pass 1: per-row (per-chunk) amax of v; XLA: their max; pass 2: the scale (in-kernel division), the codes
+        amax_rows = call(dataclasses.replace(spec, amax_only=True), inputs, [jax.ShapeDtypeStruct((n_parts,), F32)])[0]
         amax_t = jnp.max(amax_rows).reshape(1)  # the scale is formed in pass 2 (exact division)
         if axis_name is not None:  # under shard_map: the amax of every shard (max is exact in any order)
             amax_t = jax.lax.pmax(amax_t, axis_name)
-        q_spec = dataclasses.replace(spec, tensor_scale_given=True, bc=0)
+        q_spec = dataclasses.replace(spec, tensor_scale_given=True)
         q_inputs = [*inputs[:scale_slot], amax_t, *inputs[scale_slot:]]
         outs = call(q_spec, q_inputs, [jax.ShapeDtypeStruct(data_shape, data_dtype),
                                            jax.ShapeDtypeStruct((1,), F32), *res_shape])
         data, scale_out = outs[0], outs[1]
+    elif per_row and cfg.split:
+        # per-token over column-chunk programs: pass 1 the partial amaxes, pass 2 their max, the scale, the codes
+        parts = call(dataclasses.replace(spec, amax_only=True), inputs, [jax.ShapeDtypeStruct((n_parts,), F32)])[0]
+        q_spec = dataclasses.replace(spec, row_amax_given=True)
+        outs = call(q_spec, [*inputs[:scale_slot], parts, *inputs[scale_slot:]],
+                    [jax.ShapeDtypeStruct(data_shape, data_dtype), jax.ShapeDtypeStruct((m,), F32), *res_shape])
+        data, scale_out = outs[0], outs[1].reshape(scale_storage_shape(desc, m, k))
     else:
         storage_shape = scale_storage_shape(desc, m, k)
         sdt = desc.storage_dtype

@@ -37,8 +37,8 @@ import numpy as np
 
 from interop.keys import kFp8DynamicTokenSym
 from quantact_jax.bench.producers import (
-    device_us,
     jnp_quant_token,
+    kernel_times,
     time_jax,
     time_torch,
     torch_quant_token,
@@ -132,7 +132,7 @@ def run_case(m: int, hidden: int, inter: int, *, gpu: bool, ceil: dict[str, floa
     flops = 6 * m * hidden * inter
     nbytes = 3 * hidden * inter + 4 * (2 * inter + hidden) + 4 * m * hidden * 2  # fp8 weights + scales + x, r, out, res
     row: dict[str, Any] = {"m": m, "hidden": hidden, "intermediate": inter, "flops": flops, "bytes": nbytes,
-                           "times_us": {}, "device_us": {}, "errors": {}}
+                           "times_us": {}, "device_us": {}, "kernels_us": {}, "errors": {}}
     impls: dict[str, tuple[Callable, tuple, str]] = {
         "quantact_fused": (jax.jit(mlp), (block, x, r), "jax"),
         "xla_fp8_unfused": (jax.jit(xla_fp8_block), fp8_args, "jax"),
@@ -152,7 +152,9 @@ def run_case(m: int, hidden: int, inter: int, *, gpu: bool, ceil: dict[str, floa
                 t = time_jax(fn, args, iters=3, reps=3)
             row["times_us"][name] = t * 1e6
             if gpu:  # the kernels alone: a JAX call's ~50 us host dispatch is paid once per model step
-                row["device_us"][name] = device_us(fn, args)
+                kern = kernel_times(fn, args)  # per kernel: where the time goes
+                row["kernels_us"][name] = {k: round(v, 2) for k, v in sorted(kern.items(), key=lambda kv: -kv[1])}
+                row["device_us"][name] = sum(kern.values())
             out = np.asarray(jnp.asarray(fn(*args)[0], jnp.float32)) if kind == "jax" else \
                 fn(*args)[0].float().cpu().numpy()
             outs[name] = out

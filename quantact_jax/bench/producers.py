@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import functools
 import json
 import os
 import platform
@@ -136,7 +137,9 @@ def jnp_quant_token(x):
 
 
 def jnp_silu_group(x, g=128):
+    """SiLU-and-mul -> fp8 with a scale per ``g`` columns (``g=None``: per token)."""
     d = x.shape[-1] // 2
+    g = g or d
     gate, up = x[:, :d].astype(jnp.float32), x[:, d:].astype(jnp.float32)
     y = (gate / (1 + jnp.exp(-gate)) * up).reshape(x.shape[0], d // g, g)
     s = jnp.maximum(jnp.max(jnp.abs(y), axis=-1, keepdims=True) / 448.0, 1 / (448 * 512))
@@ -162,6 +165,7 @@ def torch_quant_token(x):
 def torch_silu_group(x, g=128):
     import torch
     d = x.shape[-1] // 2
+    g = g or d
     gate, up = x[:, :d].float(), x[:, d:].float()
     y = (torch.nn.functional.silu(gate) * up).view(x.shape[0], d // g, g)
     s = torch.clamp(y.abs().amax(-1, keepdim=True) / 448.0, min=1 / (448 * 512))
@@ -184,6 +188,30 @@ def cases(quick: bool):
         d = k2 // 2
         out.append(dict(name="silu_and_mul+group-128 fp8", m=m, k=k2, kind="silu", key=kFp8Dynamic128Sym,
                         bytes=m * k2 * 2 + m * d + m * d // 128 * 4))
+    # the MLP block's producers (hidden 4096, intermediate 14336, per-token keys) at M = 4096 and 16
+    for m in ((2048,) if quick else (4096, 16)):
+        out.append(dict(name="silu_and_mul+per-token fp8", m=m, k=2 * 14336, kind="silu", key=kFp8DynamicTokenSym,
+                        bytes=m * 2 * 14336 * 2 + m * 14336 + m * 4))
+    if not quick:
+        out.append(dict(name="rms_norm+per-token fp8", m=16, k=4096, kind="rms", key=kFp8DynamicTokenSym,
+                        bytes=16 * 4096 * 3 + 4096 * 2 + 16 * 4))
+        out.append(dict(name="quant per-token fp8", m=16, k=4096, kind="quant", key=kFp8DynamicTokenSym,
+                        bytes=16 * 4096 * 3 + 16 * 4))
+    return out
+
+
+def row_configs(k: int) -> dict[str, "P.ProducerConfig"]:
+    """Per-row-scale variants swept with --configs: whole rows, a chunk loop, a program per chunk."""
+    out = {}
+    for bm, nw in ((1, 8), (1, 16), (2, 16)):
+        out[f"whole_bm{bm}_w{nw}"] = P.ProducerConfig(block_m=bm, num_warps=nw)
+    for chunk in (512, 1024, 2048, 4096):
+        if k % chunk:
+            continue
+        for bm, nw in ((1, 4), (1, 8), (2, 8)):
+            out[f"loop{chunk}_bm{bm}_w{nw}"] = P.ProducerConfig(block_m=bm, num_warps=nw, row_chunk=chunk)
+        for nw in (4, 8):
+            out[f"split{chunk}_w{nw}"] = P.ProducerConfig(block_m=1, num_warps=nw, row_chunk=chunk, split=True)
     return out
 
 
@@ -192,6 +220,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--configs", action="store_true", help="also sweep ProducerConfig (block_m, num_warps)")
+    ap.add_argument("--only", default="", help="run only the cases whose name contains this")
     args = ap.parse_args()
     if jax.default_backend() != "gpu":
         print("no GPU: the producer benchmark needs one (kernels would run in interpret mode)")
@@ -209,6 +238,8 @@ def main() -> int:
                    copy_tb_s=copy_bw / 1e12, cases=[])
     print(f"copy ceiling: {copy_bw / 1e12:.2f} TB/s")
     for c in cases(args.quick):
+        if args.only not in c["name"]:
+            continue
         m, k, kind, key = c["m"], c["k"], c["kind"], c["key"]
         xt = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         wt = (1 + 0.1 * torch.randn(k if kind != "silu" else 1, device=dev)).to(torch.bfloat16)
@@ -228,35 +259,41 @@ def main() -> int:
             ours_args = (x,)
         else:
             ours = jax.jit(lambda x: P.silu_and_mul_quant(x, key))
-            peers = {"xla_jnp": (jax.jit(jnp_silu_group), (x,)), "torch_eager": (torch_silu_group, (xt,)),
-                     "torch_compile": (torch.compile(torch_silu_group), (xt,))}
+            g = key.group_size or None  # None: per token
+            jf, tf = functools.partial(jnp_silu_group, g=g), functools.partial(torch_silu_group, g=g)
+            peers = {"xla_jnp": (jax.jit(jf), (x,)), "torch_eager": (tf, (xt,)), "torch_compile": (torch.compile(tf), (xt,))}
             ours_args = (x,)
         if key.is_fp4:  # peers implement fp8 per-token; an fp4 row is reported against the copy ceiling only
             peers = {}
-        t = time_jax(ours, ours_args)
+        # device time (the kernels alone; a JAX call's host dispatch is ~50 us on the lent host, which
+        # would swamp the small shapes); wall time is kept alongside as *_wall_us
+        t = device_us(ours, ours_args) * 1e-6
+        row["quantact_wall_us"] = time_jax(ours, ours_args) * 1e6
         row["quantact_us"] = t * 1e6
         row["quantact_tb_s"] = c["bytes"] / t / 1e12
         for name, (fn, a) in peers.items():
-            tp = (time_jax if name == "xla_jnp" else time_torch)(fn, a)
+            tp = device_us(fn, a) * 1e-6
             row[f"{name}_us"] = tp * 1e6
             row[f"{name}_tb_s"] = c["bytes"] / tp / 1e12
             row[f"speedup_vs_{name}"] = tp / t
         row["fraction_of_copy"] = row["quantact_tb_s"] * 1e12 / copy_bw
         if args.configs:
             sweep = {}
-            for bm in (1, 2, 4, 8):
-                for nw in (4, 8, 16):
-                    cfg = P.ProducerConfig(block_m=bm, num_warps=nw)
-                    if kind == "rms":
-                        f = jax.jit(lambda x, w, cfg=cfg: P.rms_norm_quant(x, w, key, config=cfg, **kw)[0])
-                    elif kind == "quant":
-                        f = jax.jit(lambda x, cfg=cfg: P.quantize(x, key, config=cfg, **kw))
-                    else:
-                        f = jax.jit(lambda x, cfg=cfg: P.silu_and_mul_quant(x, key, config=cfg))
-                    try:
-                        sweep[f"bm{bm}_w{nw}"] = time_jax(f, ours_args, iters=20, reps=3) * 1e6
-                    except Exception as e:  # a config may not compile (registers, shared memory)
-                        sweep[f"bm{bm}_w{nw}"] = f"error: {type(e).__name__}"
+            per_row = kind != "rms" and key in (kFp8DynamicTokenSym,)
+            variants = row_configs(k // 2 if kind == "silu" else k) if per_row else {
+                f"bm{bm}_w{nw}": P.ProducerConfig(block_m=bm, num_warps=nw) for bm in (1, 2, 4, 8) for nw in (4, 8, 16)}
+            for name_, cfg in variants.items():
+                if kind == "rms":
+                    f = jax.jit(lambda x, w, cfg=cfg: P.rms_norm_quant(x, w, key, config=cfg, **kw)[0])
+                elif kind == "quant":
+                    f = jax.jit(lambda x, cfg=cfg: P.quantize(x, key, config=cfg, **kw))
+                else:
+                    f = jax.jit(lambda x, cfg=cfg: P.silu_and_mul_quant(x, key, config=cfg))
+                try:
+                    sweep[name_] = round(device_us(f, ours_args), 2)
+                except Exception as e:  # a config may not compile (registers, shared memory)
+                    sweep[name_] = f"error: {type(e).__name__}"
+            row["config_best"] = min((v, n) for n, v in sweep.items() if isinstance(v, float))
             row["config_sweep_us"] = sweep
         results["cases"].append(row)
         print(json.dumps(row), flush=True)
