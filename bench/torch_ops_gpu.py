@@ -11,7 +11,16 @@ On a CUDA device, for small host-bound shapes (default 16 x 4096 bf16), times pe
 - ``impl``: the custom op's Python kernel without the dispatcher (checks + DLPack + the jitted call);
 - ``batch``: back-to-back calls ended by one synchronisation (per call; the device time when device-bound);
 
-plus the pieces: one ``to_jax`` / ``to_torch`` per tensor and the raw ``jax.dlpack.from_dlpack`` /
+- ``host_no_jit_us``: ``torch_op`` / ``impl`` / ``custom_op`` again with the jitted call stubbed (it returns
+  outputs computed once): the host work that is ours (checks, plan lookup, DLPack in and out, assembly),
+  without JAX's dispatch and launch;
+
+plus, for ``quantize`` and ``scaled_mm``, ``phases``: one eager call split into its steps (argument checks,
+plan lookup, device/capture check, torch->JAX stream wait, DLPack import, jitted call, each export,
+dropping the JAX arrays, assembly), timed inside the call, and probes that separate PJRT's share (import
+with/without a ready stream, the jitted call on a fresh import vs on ready arrays, exports right after the
+launch vs after the result is ready, releasing the imported input while the kernel may still read it vs
+after); and the pieces: one ``to_jax`` / ``to_torch`` per tensor and the raw ``jax.dlpack.from_dlpack`` /
 ``torch.from_dlpack`` (and, through private jaxlib calls, where the import time goes). Calls are
 not synchronised between iterations (each call's host time is measured alone; the kernels are far shorter
 than the host work at these shapes); the statistic is the median over ``--calls`` calls. ``overhead_us`` is
@@ -39,6 +48,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before jax: share the GPU with torch
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -124,6 +134,222 @@ def _cases(m: int, k: int, n: int, device: str):
          lambda: ops._consume(qd, qs, stok, bf16, wt, ws, None, None, None, None),
          lambda: mm(qdj, qsj, wtj, wsj, None, None), lambda out: out, lambda out: out),
     ]
+
+
+@contextlib.contextmanager
+def _jit_stubbed():
+    """The ops with their jitted call replaced by a stub that returns the call's outputs computed once
+    (ready): what is left of a call is its host work without JAX's dispatch and the kernel launch --
+    our Python, the checks, the DLPack import of the activation and the exports."""
+    import functools
+
+    import jax
+
+    from quantact_torch import ops
+
+    real = ops._producer_fn, ops._consumer_fn
+
+    def stubbed(make):
+        @functools.cache
+        def fn(*a):
+            f, memo = make(*a), []
+
+            def stub(*args):
+                if not memo:
+                    memo.append(jax.block_until_ready(f(*args)))
+                return memo[0]
+            return stub
+        return fn
+
+    ops.clear_plan_cache()
+    ops._producer_fn, ops._consumer_fn = stubbed(real[0]), stubbed(real[1])
+    try:
+        yield
+    finally:
+        ops._producer_fn, ops._consumer_fn = real
+        ops.clear_plan_cache()
+
+
+def _phase_table(fn, calls: int, warmup: int = 100) -> dict:
+    """``fn()`` returns perf_counter stamps taken between the phases of one call; median per phase."""
+    for _ in range(warmup):
+        fn()
+    rows = [fn() for _ in range(calls)]
+    names = rows[0][0]
+    out = {}
+    for i, name in enumerate(names):
+        d = sorted((r[1][i + 1] - r[1][i]) * 1e6 for r in rows)
+        out[name] = statistics.median(d)
+    tot = sorted((r[1][-1] - r[1][0]) * 1e6 for r in rows)
+    out["sum_of_medians"] = sum(v for k, v in out.items())
+    out["total_median"] = statistics.median(tot)
+    return out
+
+
+def _phases(m: int, k: int, n: int, device: str, calls: int) -> dict:
+    """Where one eager call's host time goes, for ``quantize`` (one input, two outputs) and
+    ``scaled_mm`` (activation data + scale, cached weight views, one output): the steps the eager
+    direct path of :mod:`quantact_torch.ops` runs, in its order, with the same internal functions
+    (``_resolve`` ... ``_producer_plan`` ... the bridge's stream wait, jaxlib's import, the jitted
+    call, jaxlib's export, the activation), each stamped with ``perf_counter`` inside one call.
+    ``total_median`` is the whole sequence (compare with ``torch_op_us``: the difference is the glue
+    between the steps); ``sum_of_medians`` adds the phases' medians.
+
+    Plus single-step probes that separate what JAX/PJRT does from what the bridge asks of it:
+    ``import_ready_us`` (jaxlib import without a stream: no ready event) vs ``import_with_stream_us``
+    (with JAX's external-ready stream, as the op does for x, after the stream wait); ``jit_ready_us``
+    (the jitted call on arrays ready long ago: the ``jax`` baseline) vs ``jit_fresh_import_us`` (on
+    an x imported just before, as in the op); ``export_ready_us`` (the two exports after the result
+    is ready) vs the ``export_0`` / ``export_1`` phases (right after the launch)."""
+    import jax
+    import torch
+
+    from interop import bridge
+    from interop.keys import kFp8DynamicTokenSym
+    from quantact_torch import ops
+
+    pc = time.perf_counter
+    tok = kFp8DynamicTokenSym
+    g = torch.Generator(device).manual_seed(1)
+    x = torch.randn(m, k, device=device, generator=g).bfloat16()
+    wt = (torch.randn(n, k, device=device, generator=g) * 8).to(torch.float8_e4m3fn)
+    ws = torch.full((1,), 0.01, device=device)
+    dev = x.device
+    ops.quantize(x, tok)  # compiles, probes the device
+    ep = bridge._endpoint(dev)
+    api = bridge._lean_api()
+    if ep is None or api is None:
+        return {"error": f"lean DLPack path off ({bridge.lean_dlpack_status()}): no phase breakdown"}
+    cuda, C = ep.cuda, torch._C
+    jdev, dl = ep.jax_device, ep.dl_type
+    out: dict = {}
+
+    names_q = ("wrapper_args_checks", "plan_lookup", "device_capture_check", "stream_wait_torch_to_jax",
+               "import_x", "jit_call", "export_0", "export_1", "release_jax_arrays", "assemble_activation")
+
+    def quant_once():
+        t0 = pc()
+        key, scale, gscale = ops._resolve(tok, None, None, None)
+        ops._check_tensor(x, "x", x)
+        static = ops._static_storage(key, scale, x, x.shape[-1])
+        gs, ub = ops._scalar(gscale, x), ops._scalar(None, x)
+        ops._direct(x, static, gs, ub)
+        ks = ops._key_str(key)
+        t1 = pc()
+        plan = ops._producer_plan("quant", ks, x, None, None, static, gs, ub, 0.0)
+        t2 = pc()
+        if cuda and (C._cuda_getDevice() != plan.cuda or C._cuda_isCurrentStreamCapturing()):
+            raise RuntimeError("phases: expected the input's device current and no capture")
+        t3 = pc()
+        s = bridge._wait_for_torch(ep, dev) if cuda else None
+        t4 = pc()
+        xj = api.imp(api.t2d(x), jdev, s, False, dl)
+        t5 = pc()
+        outs = plan.fn(xj, None, None, None, None, None)
+        t6 = pc()
+        ptr = bridge._current_stream_ptr(ep) if cuda else None
+        o0 = api.d2t(api.exp(outs[0], stream=ptr))
+        t7 = pc()
+        o1 = api.d2t(api.exp(outs[1], stream=ptr))
+        t8 = pc()
+        del xj, outs  # the imported x (its PJRT view) and the output Arrays (the capsules keep the buffers)
+        t9 = pc()
+        ops._planned_activation(plan, key, x, (o0, o1), static)
+        t10 = pc()
+        return names_q, (t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10)
+
+    qa = ops.quantize(x, tok)
+    names_m = ("wrapper_args_checks", "plan_lookup", "device_capture_check", "weight_view_cache",
+               "stream_wait_torch_to_jax", "import_x_and_scale", "jit_call", "export_0", "release_jax_arrays")
+
+    def mm_once():
+        t0 = pc()
+        key = ops._as_key(tok, "input_quant_key")
+        a = ops.as_quantized_activation(qa, key)
+        data, storage, orig_dtype = a.data, a.scale_storage(), a.orig_dtype
+        ops._direct(data, storage, wt, ws, None, None)
+        ks = ops._key_str(key)
+        t1 = pc()
+        plan = ops._consumer_plan(data, storage, ks, orig_dtype, wt, ws, None, None, None, None)
+        t2 = pc()
+        if cuda and (C._cuda_getDevice() != plan.cuda or C._cuda_isCurrentStreamCapturing()):
+            raise RuntimeError("phases: expected the input's device current and no capture")
+        t3 = pc()
+        wj, wsj = (ops._views.get(ops._view_key(t)) for t in (wt, ws))
+        if wj is None or wsj is None:
+            raise RuntimeError("phases: the weight views are not cached (unaligned CPU buffer?)")
+        wj, wsj = wj[0], wsj[0]
+        t4 = pc()
+        s = bridge._wait_for_torch(ep, dev) if cuda else None
+        t5 = pc()
+        dj = api.imp(api.t2d(data), jdev, s, False, dl)
+        sj = api.imp(api.t2d(storage), jdev, None, False, dl)
+        t6 = pc()
+        y = plan.fn(dj, sj, wj, wsj, None, None)
+        t7 = pc()
+        api.d2t(api.exp(y, stream=bridge._current_stream_ptr(ep) if cuda else None))
+        t8 = pc()
+        del dj, sj, y
+        t9 = pc()
+        return names_m, (t0, t1, t2, t3, t4, t5, t6, t7, t8, t9)
+
+    ops.scaled_mm(qa, wt, ws, input_quant_key=tok)  # fills the view cache
+    out["quantize"] = _phase_table(quant_once, calls)
+    out["quantize"]["torch_op_us"] = _times_us(lambda: ops.quantize(x, tok), calls)["median"]
+    out["scaled_mm"] = _phase_table(mm_once, calls)
+    out["scaled_mm"]["torch_op_us"] = _times_us(lambda: ops.scaled_mm(qa, wt, ws, input_quant_key=tok),
+                                                calls)["median"]
+
+    # single-step probes (see the docstring)
+    plan = ops._producer_plan("quant", str(tok), x, None, None, None, None, None, 0.0)
+    xr = jax.block_until_ready(api.imp(api.t2d(x), jdev, None, False, dl))
+    probes = {"import_ready_us": _times_us(lambda: api.imp(api.t2d(x), jdev, None, False, dl), calls)["median"]}
+    if cuda:
+        probes["import_with_stream_us"] = _times_us(
+            lambda: api.imp(api.t2d(x), jdev, bridge._wait_for_torch(ep, dev), False, dl), calls)["median"]
+        probes["stream_wait_us"] = _times_us(lambda: bridge._wait_for_torch(ep, dev), calls)["median"]
+        probes["current_stream_ptr_us"] = _times_us(lambda: bridge._current_stream_ptr(ep), calls)["median"]
+        probes["torch_cuda_current_stream_us"] = _times_us(lambda: torch.cuda.current_stream(dev), calls)["median"]
+    probes["jit_ready_us"] = _times_us(lambda: plan.fn(xr, None, None, None, None, None), calls)["median"]
+
+    def jit_fresh():
+        s = bridge._wait_for_torch(ep, dev) if cuda else None
+        xj = api.imp(api.t2d(x), jdev, s, False, dl)
+        t0 = pc()
+        plan.fn(xj, None, None, None, None, None)
+        return ("jit_fresh_import",), (t0, pc())
+
+    probes["jit_fresh_import_us"] = _phase_table(jit_fresh, calls)["jit_fresh_import"]
+    ptr = (lambda: bridge._current_stream_ptr(ep)) if cuda else (lambda: None)
+
+    def export_ready():
+        outs = jax.block_until_ready(plan.fn(xr, None, None, None, None, None))
+        t0 = pc()
+        p = ptr()
+        for o in outs:
+            api.d2t(api.exp(o, stream=p))
+        return ("export_ready",), (t0, pc())
+
+    probes["export_ready_us"] = _phase_table(export_ready, calls)["export_ready"]
+
+    def release(after_sync: bool):
+        def once():
+            s = bridge._wait_for_torch(ep, dev) if cuda else None
+            xj = api.imp(api.t2d(x), jdev, s, False, dl)
+            outs = plan.fn(xj, None, None, None, None, None)
+            if after_sync:
+                jax.block_until_ready(outs)
+            t0 = pc()
+            del xj
+            return ("release",), (t0, pc())
+        return once
+
+    # dropping the imported x while the kernel that reads it may still run (what the op does) vs
+    # after it finished: PJRT may have to defer the release (a host callback on the stream)
+    probes["release_import_after_launch_us"] = _phase_table(release(False), calls)["release"]
+    probes["release_import_after_sync_us"] = _phase_table(release(True), calls)["release"]
+    out["probes"] = probes
+    return out
 
 
 def _bytes(t) -> bytes:
@@ -262,6 +488,21 @@ def main(argv: list[str] | None = None) -> int:
             row = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
             rc = 1
         report["ops"][name] = row
+    # the same ops with the jitted call stubbed (its outputs computed once): the host work left
+    try:
+        with _jit_stubbed():
+            for name, t_op, c_op, impl, *_ in cases:
+                row = report["ops"][name]
+                if "error" not in row:
+                    row["host_no_jit_us"] = {"torch_op": _times_us(t_op, args.calls)["median"],
+                                             "impl": _times_us(impl, args.calls)["median"],
+                                             "custom_op": _times_us(c_op, args.calls)["median"]}
+    except Exception as e:  # noqa: BLE001
+        report["host_no_jit_error"] = f"{type(e).__name__}: {e}"
+    try:
+        report["phases"] = _phases(args.m, args.k, args.n, args.device, args.calls)
+    except Exception as e:  # noqa: BLE001
+        report["phases"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
     try:
         report["bridge"] = _bridge_pieces(args.calls, args.device)
     except Exception as e:  # noqa: BLE001
@@ -281,6 +522,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['custom_op_us']['median']:10.1f} {r['impl_us']['median']:7.1f} {r['overhead_us']:9.1f} "
               f"{r['batch_us']['torch_op']:7.1f}  {'bits=' if r['bit_identical_to_jax'] else 'BITS DIFFER'}"
               f"{'' if r['meets_target'] else f' (> {TARGET_US:.0f} us target)'}")
+    nj = [(n, r["host_no_jit_us"]) for n, r in report["ops"].items() if "host_no_jit_us" in r]
+    if nj:
+        print("with the jitted call stubbed (host work only: checks, DLPack in/out, assembly), us:")
+        for name, h in nj:
+            print(f"  {name:<50} torch op {h['torch_op']:7.1f}  impl {h['impl']:7.1f}  custom op {h['custom_op']:7.1f}")
+    ph = report["phases"]
+    if "error" in ph:
+        print("phases: ERROR", ph["error"])
+    else:
+        for op in ("quantize", "scaled_mm"):
+            print(f"phases of one eager {op} call (median us):",
+                  ", ".join(f"{k} {v:.1f}" for k, v in ph[op].items()))
+        print("probes (us):", ", ".join(f"{k} {v:.1f}" for k, v in ph["probes"].items()))
     print("bridge pieces (us):", json.dumps({k: round(v, 2) if isinstance(v, float) else v
                                               for k, v in report["bridge"].items()}))
     if args.out:
