@@ -7,7 +7,7 @@
    4096x28672x4096 and 4096x4096x14336, in one process. Prints a table, writes JSON (--out).
 
 Usage: PYTHONPATH=. XLA_PYTHON_CLIENT_PREALLOCATE=false python bench/mosaic_block_gpu.py --out res.json
-       [--quick] (heuristic config only) [--skip-check]
+       [--quick] (the heuristic config and the SCHEDULES variants only) [--skip-check]
 """
 
 from __future__ import annotations
@@ -38,8 +38,16 @@ from quantact_jax.bench.producers import time_jax, time_torch  # noqa: E402
 SHAPES = [(4096, 4096, 4096), (4096, 28672, 4096), (4096, 4096, 14336)]
 CHECK_SHAPES = [(200, 384, 640), (5, 256, 256), (1031, 1536, 1024), (4096, 4096, 4096)]
 Cfg = MB.MosaicBlockConfig
-SWEEP = [
-    Cfg(),                                             # 128x256, wg 64x(2x128), 4 stages
+# the schedules that overlap the tensor core with the promotion (mosaic_block_gemm docstring),
+# side by side with the default (the heuristic at large M); --quick times and checks these
+SCHEDULES = [
+    Cfg(),                                                  # default: 128x256, wg 64x(2x128), 1 accumulator
+    Cfg(pingpong=True),                                     # warpgroups take turns per sub-tile
+    Cfg(wg_n=64, n_sub=4, n_acc=2),                         # 128x256, wg 64x(4x64), 2 accumulators
+    Cfg(wg_n=64, n_sub=4, n_acc=2, pingpong=True),          # ... and turns per K block
+    Cfg(wg_m=128, wg_n=64, n_sub=2, wg_dim="n", stages=4, pingpong=True),  # 128x256, wg 128x(2x64), turns
+]
+SWEEP = SCHEDULES + [
     Cfg(grid_tile_width=4), Cfg(grid_tile_width=16), Cfg(grid_minor_n=True),
     Cfg(stages=3, epi_slots=2),
     Cfg(n_sub=1, stages=5),                            # 128x128, wg 64x128
@@ -47,10 +55,13 @@ SWEEP = [
     Cfg(wg_m=128, wg_n=64, n_sub=1, stages=5),         # 128x128, wg 128x64
     Cfg(wg_m=128, wg_n=64, n_sub=2, wg_dim="n", stages=4),  # 128x256, wg 128x(2x64)
     Cfg(wg_dim="n", n_sub=1, stages=6),                # 64x256
+    Cfg(wg_n=64, n_sub=2, n_acc=2, stages=5),          # 128x128, wg 64x(2x64), 2 accumulators
+    Cfg(wg_n=64, n_sub=4, n_acc=2, stages=3, epi_slots=2),
+    Cfg(pingpong=True, grid_tile_width=16),
 ]
 
 
-def check(res) -> bool:
+def check(res, configs) -> bool:
     import test_mosaic_block_gemm as T  # the test file's problem builder and tolerance
 
     ok = True
@@ -74,10 +85,10 @@ def check(res) -> bool:
                     qa, wq, ws, b = T._problem(m, n, k, bias)
                     T._check(T._run(qa, wq, ws, b, out_dtype), qa, wq, ws, b, out_dtype)
                 checked(f"{m}x{n}x{k} bias={bias} {jnp.dtype(out_dtype).name}", run)
-    # every sweep config once, on a shape with partial tiles
+    # every timed config once, on a shape with partial tiles
     m, n, k = 300, 768, 1152
     qa, wq, ws, b = T._problem(m, n, k, True, seed=1)
-    for cfg in SWEEP:
+    for cfg in configs:
         cfg = MB.fit_smem(cfg, k)
         checked(f"{m}x{n}x{k} {dataclasses.astuple(cfg)}",
                 lambda cfg=cfg: T._check(T._run(qa, wq, ws, b, jnp.bfloat16, cfg), qa, wq, ws, b, jnp.bfloat16))
@@ -87,7 +98,7 @@ def check(res) -> bool:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--quick", action="store_true", help="time the heuristic config only")
+    ap.add_argument("--quick", action="store_true", help="time the heuristic config and SCHEDULES only")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--iters", type=int, default=20)
     args = ap.parse_args()
@@ -99,7 +110,8 @@ def main() -> int:
     dev = torch.device("cuda")
     res = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), jax=jax.__version__,
                torch=torch.__version__, check={}, cases=[])
-    ok = True if args.skip_check else check(res)
+    configs = SCHEDULES if args.quick else SWEEP
+    ok = True if args.skip_check else check(res, configs)
 
     def dump():
         if args.out:
@@ -119,7 +131,7 @@ def main() -> int:
         sbt = (torch.rand(nb, kb, device=dev) * 0.4 + 0.8) * (wt.abs().amax() / 448)
         w8, sb = to_jax(w8t), to_jax(sbt.contiguous())
         row = dict(shape=[m, n, k], sweep={})
-        cfgs = [MB.heuristic_config(m, n, k)] + ([] if args.quick else [MB.fit_smem(c, k) for c in SWEEP])
+        cfgs = [MB.heuristic_config(m, n, k)] + [MB.fit_smem(c, k) for c in configs]
         seen = set()
         for cfg in cfgs:
             key = str(dataclasses.astuple(cfg))

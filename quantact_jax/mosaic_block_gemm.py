@@ -18,12 +18,39 @@ issuing wgmma with B read transposed from SMEM, an SMEM + TMA epilogue), and Dee
 
 The epilogue adds the bias in f32 and rounds once to bf16/fp16/f32.
 
-Registers: a compute warpgroup holds the wgmma accumulator (``wm*wn/128`` f32 per thread)
-and ``n_sub`` running sums of the same size: ``(1 + n_sub) * wm * wn / 128`` registers per
-thread. With two compute warpgroups and a 40-register memory warpgroup each compute thread
-may use up to 232 registers, so (64 x 128, n_sub=1) takes 128 and (64 x 128, n_sub=2) takes
-192 registers of accumulators. A warpgroup's ``n_sub`` column sub-tiles run one after the
-other through the same wgmma accumulator, each with its own weight-block scale.
+Registers: a compute warpgroup holds ``n_acc`` wgmma accumulators (``wm*wn/128`` f32 per
+thread each) and ``n_sub`` running sums of the same size: ``(n_acc + n_sub) * wm * wn / 128``
+registers per thread (:meth:`MosaicBlockConfig.acc_registers`, at most 192). The pipeline
+reallocates registers (``setmaxnreg``): the memory warpgroup keeps 40, each compute thread may
+use up to 232, so (64 x 128, n_sub=1) takes 128 and (64 x 128, n_sub=2) 192 registers of
+accumulators. (ptxas 13.0 for sm_90a, 4096^3 bf16: the default and the bench's schedule
+variants keep their main loop free of spills and of serialized wgmma; only the pipeline's
+barrier phase bits go through local memory.)
+
+Schedules (how the tensor core overlaps the promotion; :class:`MosaicBlockConfig`):
+
+- default (``n_acc=1``): a warpgroup's ``n_sub`` column sub-tiles run one after the other
+  through one accumulator, each issued, waited for (wait 0) and promoted before the next is
+  issued. Only the other warpgroup's wgmma can run during a promotion, and the two warpgroups,
+  released by the same pipeline barrier every K block, tend to issue, wait and promote in
+  step, so the tensor core idles while both promote.
+- ``n_acc=2``: two accumulators; sub-tile ``j + 1`` is issued before sub-tile ``j`` is waited
+  for (wait 1) and promoted, so each warpgroup keeps a wgmma queued while it promotes, except
+  after its last sub-tile of a K block. Within the 192-register budget: 64 x 64 sub-tiles,
+  ``n_sub=4`` (a 128 x 256 CTA tile, 2 x 32 + 4 x 32 registers), at the price of N=64 wgmma
+  instructions (the A tile is read from SMEM once per sub-tile). Keeping the last sub-tile in
+  flight into the next K block (promoting it there) is not offered: ptxas serializes every
+  wgmma (C7514) when an accumulator that a loop iteration leaves in flight is read by the next.
+- ``pingpong``: the two compute warpgroups take turns at the tensor core through a two-arrival
+  SMEM barrier (FlashAttention-3's ping-pong): one turn is ``issue; rendezvous; finish;
+  rendezvous`` (issue: one sub-tile's wgmma with ``n_acc=1``, a K block's issues with
+  ``n_acc=2``; finish: the promotions left), and warpgroup 1 starts one rendezvous ahead, so
+  the issues alternate 0, 1, 0, 1, ... and each warpgroup promotes while the other's wgmma
+  runs. Costs two rendezvous (an arrive and a wait) per turn; across output tiles the
+  alternation goes on, so one warpgroup's epilogue waits for the other's.
+
+The promotion arithmetic is the same in every schedule: per output element and K block one
+f32 FMA of the block's partial and scale into the running sum, in K order.
 
 Scales:
 - ``sa`` is transposed in the wrapper to ``[K/128, Mp/wm, wm]`` (M contiguous), so every K
@@ -31,8 +58,8 @@ Scales:
   input (one small TMA per stage) and is read in the wgmma row layout
   (``Layout.WGMMA.reduce(1)``).
 - ``sb`` rows (``[K/128]`` f32, padded to a multiple of 32 = 128 bytes for TMA) are staged per
-  output tile and per sub-tile into SMEM while the pipeline fills; the body reads one scalar
-  per K step.
+  output tile and per weight block into SMEM while the pipeline fills; the body reads one
+  scalar per K step and sub-tile.
 
 Requirements (:func:`supports`): ``K % 128 == 0``, ``N % 128 == 0``, ``K <= 32768`` (one TMA
 box of sb), M arbitrary (rows padded to a multiple of 8 and at least one tile, as
@@ -58,11 +85,21 @@ BLOCK = 128  # DeepSeek scale block (K step and weight-block height)
 
 @dataclasses.dataclass(frozen=True)
 class MosaicBlockConfig:
-    """Per-warpgroup tile ``wg_m x (n_sub * wg_n)`` (``n_sub`` sub-tiles of ``wg_n`` columns run
-    one after the other through one wgmma accumulator), the two compute warpgroups stacked along
-    ``wg_dim`` ("m" or "n"); the K step is always 128 (one scale block). ``stages``: pipeline
-    depth; epilogue sub-tile ``epi_tile_m x epi_tile_n`` through ``epi_slots`` SMEM buffers per
-    warpgroup (2 lets a store overlap the next sub-tile's write); tile order as ``MosaicConfig``."""
+    """Per-warpgroup tile ``wg_m x (n_sub * wg_n)`` (``n_sub`` sub-tiles of ``wg_n`` columns), the
+    two compute warpgroups stacked along ``wg_dim`` ("m" or "n"); the K step is always 128 (one
+    scale block). ``stages``: pipeline depth; epilogue sub-tile ``epi_tile_m x epi_tile_n`` through
+    ``epi_slots`` SMEM buffers per warpgroup (2 lets a store overlap the next sub-tile's write);
+    tile order as ``MosaicConfig``.
+
+    How the tensor core overlaps the promotion (module docstring, "Schedules"):
+
+    - ``n_acc``: wgmma accumulators per warpgroup. 1: each sub-tile is issued, waited for and
+      promoted before the next one is issued. 2: sub-tile ``j + 1`` is issued into the other
+      accumulator before sub-tile ``j`` is waited for and promoted (needs ``n_sub >= 2``).
+    - ``pingpong``: the two compute warpgroups take turns at the tensor core (FlashAttention-3
+      style rendezvous on a two-arrival barrier), so that one warpgroup's promotion runs while the
+      other's wgmma does instead of both at once: turns of one sub-tile with ``n_acc=1``, of one
+      K block's issues with ``n_acc=2``."""
 
     wg_m: int = 64
     wg_n: int = 128
@@ -74,6 +111,8 @@ class MosaicBlockConfig:
     epi_slots: int = 2
     grid_minor_n: bool = False
     grid_tile_width: int = 8
+    n_acc: int = 1
+    pingpong: bool = False
 
     @property
     def tile_k(self) -> int:
@@ -91,22 +130,28 @@ class MosaicBlockConfig:
     def cta_n(self) -> int:
         return self.wg_cols * (2 if self.wg_dim == "n" else 1)
 
+    @property
+    def wg_blocks(self) -> int:
+        """128-column weight blocks (sb rows) one warpgroup's columns touch."""
+        return cdiv(self.wg_cols, BLOCK)
+
     def acc_registers(self) -> int:
-        """f32 accumulator registers per compute thread: the wgmma one + the running sums."""
-        return (1 + self.n_sub) * self.wg_m * self.wg_n // 128
+        """f32 accumulator registers per compute thread: the wgmma ones + the running sums."""
+        return (self.n_acc + self.n_sub) * self.wg_m * self.wg_n // 128
 
     def smem_bytes(self, out_itemsize: int = 2, k: int = 0) -> int:
         per_stage = (self.cta_m + self.cta_n) * BLOCK + self.cta_m * 4  # A, B fp8 + sa f32
         kbp = cdiv(max(k // BLOCK, 1), 32) * 32
-        vectors = 2 * self.n_sub * (kbp + self.wg_n) * 4  # sb rows and bias per warpgroup, f32
+        vectors = 2 * (self.wg_blocks * kbp + self.wg_cols) * 4  # sb rows and bias per warpgroup, f32
         epi = 2 * self.epi_slots * self.epi_tile_m * self.epi_tile_n * out_itemsize
         return self.stages * per_stage + epi + vectors
 
     def valid(self) -> bool:
         return (self.wg_dim in ("m", "n") and self.wg_m in (64, 128) and self.wg_n in (64, 128)
-                and self.n_sub in (1, 2) and self.acc_registers() <= 192 and self.stages >= 2
+                and self.n_sub in (1, 2, 4) and self.acc_registers() <= 192 and self.stages >= 2
                 and self.epi_slots in (1, 2)
-                and self.wg_m % self.epi_tile_m == 0 and self.wg_n % self.epi_tile_n == 0)
+                and self.wg_m % self.epi_tile_m == 0 and self.wg_n % self.epi_tile_n == 0
+                and (self.n_acc == 1 or (self.n_acc == 2 and self.n_sub >= 2)))
 
 
 def heuristic_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16) -> MosaicBlockConfig:
@@ -149,7 +194,7 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: Mosai
     n = b_gmem.shape[0]
     kbp = sb_gmem.shape[1]
     out_dtype = out_gmem.dtype
-    wm, wn, n_sub = cfg.wg_m, cfg.wg_n, cfg.n_sub
+    wm, wn, n_sub, n_acc = cfg.wg_m, cfg.wg_n, cfg.n_sub, cfg.n_acc
     cta_m, cta_n, tk = cfg.cta_m, cfg.cta_n, BLOCK
     split_m = cfg.wg_dim == "m"
     swizzle = plgpu.find_swizzle(tk * 8)  # fp8: one byte per element, 128-byte rows
@@ -164,6 +209,8 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: Mosai
     wgs_m = cta_m // wm  # warpgroup row blocks per CTA (2 when the warpgroups split M)
     row = plgpu.Layout.WGMMA.reduce(1)
     has_bias = bias_gmem is not None
+    nblk = cfg.wg_blocks  # weight blocks (sb rows) per warpgroup; sub-tile j reads row j * wn // 128
+    blk = [j * wn // BLOCK for j in range(n_sub)]
 
     def pipeline(body, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -178,16 +225,34 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: Mosai
 
     ignore = lambda *_, **__: None  # allocations do not depend on the bodies
     sa_view = lambda mi: sa_gmem.at[:, pl.ds(mi * wgs_m, wgs_m), :]
-    nv = n_sub * (2 if has_bias else 1)  # vectors staged per warpgroup and tile: sb rows (, bias)
+    nv = nblk + (n_sub if has_bias else 0)  # vectors staged per warpgroup and tile: sb rows (, bias)
 
     @functools.partial(pl.run_scoped,
                        allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem, sa_view(0)),
                        out_smem=plgpu.SMEM((2, n_slots, em, en), out_dtype, transforms=out_transforms),
-                       sb_smem=plgpu.SMEM((2, n_sub, kbp), F32),
+                       sb_smem=plgpu.SMEM((2, nblk, kbp), F32),
                        bias_smem=plgpu.SMEM((2, n_sub, wn), F32),
-                       bars=plgpu.Barrier(num_barriers=2 * nv), collective_axes="wg")
-    def _scope(allocs, out_smem, sb_smem, bias_smem, bars):
+                       bars=plgpu.Barrier(num_barriers=2 * nv),
+                       sched=plgpu.Barrier(num_arrivals=2) if cfg.pingpong else None,
+                       collective_axes="wg")
+    def _scope(allocs, out_smem, sb_smem, bias_smem, bars, sched):
         wg = lax.axis_index("wg")
+
+        def turn():
+            """Ping-pong: a rendezvous of the two compute warpgroups. Each warpgroup's main loop is a
+            sequence of turns ``issue; turn(); finish; turn()`` (issue: the wgmma of a sub-tile, or
+            all of a K block's with ``n_acc=2``; finish: the promotions left), and warpgroup 1 calls
+            it once more before its first turn (warpgroup 0 once more after its last), so that the
+            rendezvous pair each warpgroup's issue with the other's finish: their issues alternate
+            0, 1, 0, 1, ... and each one's promotion runs while the other's wgmma does. The extra
+            calls are made once per kernel, not per output tile: a conditional rendezvous next to
+            the main loop, with the running sums live, made ptxas spill them in the loop."""
+            if cfg.pingpong:
+                plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(sched)
+
+        if cfg.pingpong:
+            pl.when(wg == 1)(turn)  # warpgroup 1's extra turn: warpgroup 0 issues first
 
         @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
         def _tiles(info):
@@ -202,22 +267,22 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: Mosai
             def compute_context(run):
                 # sb rows (and the bias) of this tile's weight blocks travel by TMA into SMEM
                 # while the pipeline fills; the sb rows are awaited before the first K step.
-                for j in range(n_sub):
-                    plgpu.copy_gmem_to_smem(sb_gmem.at[(c0 + j * wn) // BLOCK], sb_smem.at[wg, j],
-                                            bars.at[wg * nv + j])
-                    if has_bias:
+                for i in range(nblk):
+                    plgpu.copy_gmem_to_smem(sb_gmem.at[c0 // BLOCK + i], sb_smem.at[wg, i], bars.at[wg * nv + i])
+                if has_bias:
+                    for j in range(n_sub):
                         plgpu.copy_gmem_to_smem(bias_gmem.at[pl.ds(c0 + j * wn, wn)], bias_smem.at[wg, j],
-                                                bars.at[wg * nv + n_sub + j])
-                for j in range(n_sub):
-                    plgpu.barrier_wait(bars.at[wg * nv + j])
+                                                bars.at[wg * nv + nblk + j])
+                for i in range(nblk):
+                    plgpu.barrier_wait(bars.at[wg * nv + i])
 
-                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((wm, wn), F32))
-                def _acc(acc_ref):
+                @functools.partial(pl.run_scoped, accs=tuple(plgpu.ACC((wm, wn), F32) for _ in range(n_acc)))
+                def _acc(accs):
                     zero = plgpu.layout_cast(jnp.zeros((wm, wn), F32), plgpu.Layout.WGMMA)
-                    _, sums = run((acc_ref, (zero,) * n_sub))
+                    _, sums = run((accs, (zero,) * n_sub))
                     if has_bias:
                         for j in range(n_sub):
-                            plgpu.barrier_wait(bars.at[wg * nv + n_sub + j])
+                            plgpu.barrier_wait(bars.at[wg * nv + nblk + j])
                     outs = []
                     for j in range(n_sub):
                         o = sums[j]
@@ -229,24 +294,49 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: Mosai
                     for j in range(n_sub):
                         t = _store_tile(outs[j], out_smem.at[wg], out_gmem, r0, c0 + j * wn, t)
 
-            def body(idx, a_smem, b_smem, sa_smem, carry):
+            def body(idx, a_smem, b_smem, sa_smem, state):
                 (ki,) = idx
-                acc_ref, sums = carry
+                accs, sums = state[0], list(state[1])
                 a_wg = a_smem.at[pl.ds(wg * wm, wm)] if split_m else a_smem
                 # this K block's activation scales of the warpgroup's rows, in the wgmma row layout
                 sa = plgpu.load(sa_smem.at[0, wg if split_m else 0], (), layout=row)
-                new = []
+
+                def promote(j, wait_n):
+                    """sums[j] += sub-tile j's partial * its [wm] row scales (this K block's sa times
+                    the weight block's sb), once at most wait_n wgmma groups are in flight."""
+                    acc = accs[j % n_acc]
+                    part = acc[...] if wait_n == 0 else plgpu.wgmma_accumulator_load(acc, wait_n=wait_n)
+                    s = sa * sb_smem[wg, blk[j], ki]
+                    sums[j] = sums[j] + part * lax.broadcast_in_dim(s, (wm, wn), [0])
+                    if n_acc == 2:
+                        # Keeps LLVM from sinking these FMAs past the next wgmma into this
+                        # accumulator, which would keep the old and the new one alive at once.
+                        sums[j] = lax.optimization_barrier(sums[j])
+
                 for j in range(n_sub):
+                    acc = accs[j % n_acc]
                     boff = (0 if split_m else wg * n_sub * wn) + j * wn
-                    acc_ref[...] = plgpu.layout_cast(jnp.zeros((wm, wn), F32), plgpu.Layout.WGMMA)
-                    plgpu.wgmma(acc_ref, a_wg, b_smem.at[pl.ds(boff, wn)].T)
-                    part = acc_ref[...]  # waits for the wgmma (wait_n=0)
-                    s = sa * sb_smem[wg, j, ki]  # [wm] row scales of this weight block
-                    new.append(sums[j] + part * lax.broadcast_in_dim(s, (wm, wn), [0]))
-                return acc_ref, tuple(new)
+                    acc[...] = plgpu.layout_cast(jnp.zeros((wm, wn), F32), plgpu.Layout.WGMMA)
+                    plgpu.wgmma(acc, a_wg, b_smem.at[pl.ds(boff, wn)].T)
+                    if n_acc == 1:  # one turn per sub-tile
+                        turn()
+                        promote(j, 0)
+                        turn()
+                    else:  # sub-tile j runs while j - 1 (the other accumulator) is promoted; one turn per K block
+                        if j == n_sub - 1:
+                            turn()
+                        if j > 0:
+                            promote(j - 1, 1)
+                if n_acc == 2:
+                    promote(n_sub - 1, 0)
+                    turn()
+                return accs, tuple(sums)
 
             pipeline(body, compute_context)(a_gmem.at[m_sl, :], b_gmem.at[pl.ds(ni * cta_n, cta_n), :],
                                             sa_view(mi), allocations=allocs)
+
+        if cfg.pingpong:
+            pl.when(wg == 0)(turn)  # pairs with warpgroup 1's last one
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

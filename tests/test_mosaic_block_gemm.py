@@ -45,6 +45,13 @@ CONFIGS = {  # every tile arrangement the kernel has
     "128x128-wg128x64": C(wg_m=128, wg_n=64, n_sub=1, stages=5),
     "128x256-wgN-128x64x2": C(wg_m=128, wg_n=64, n_sub=2, wg_dim="n", stages=4),
     "128x128-wg64x64x2": C(wg_n=64, n_sub=2, stages=5),
+    # schedules that overlap the tensor core with the promotion (module docstring)
+    "128x256-pingpong": C(pingpong=True),
+    "128x256-wg64x64x4-acc2": C(wg_n=64, n_sub=4, n_acc=2),
+    "128x256-wg64x64x4-acc2-pingpong": C(wg_n=64, n_sub=4, n_acc=2, pingpong=True),
+    "128x256-wgN-128x64x2-pingpong": C(wg_m=128, wg_n=64, n_sub=2, wg_dim="n", stages=4, pingpong=True),
+    "128x128-wg64x64x2-acc2": C(wg_n=64, n_sub=2, n_acc=2, stages=5),
+    "64x256-wgN-pingpong": C(wg_dim="n", n_sub=1, stages=5, pingpong=True),
 }
 
 
@@ -136,6 +143,12 @@ def test_configs_fit_and_supports():
     assert not MB.supports(200, 384, 640, jnp.float8_e4m3fn)
     assert not MB.supports(200, 384, 640, jnp.bfloat16, C(wg_m=128, wg_n=128))  # 256 registers
     assert not MB.supports(4096, 4096, 4096, jnp.bfloat16, C(stages=6))  # SMEM
+    # two accumulators: registers (n_acc + n_sub) * wm * wn / 128, and something to overlap
+    assert C(wg_n=64, n_sub=4, n_acc=2).acc_registers() == 192
+    assert C(wg_n=64, n_sub=4, n_acc=2).cta_n == 256 and C(wg_n=64, n_sub=4, n_acc=2).wg_blocks == 2
+    assert not C(n_acc=2).valid()  # 64 x 128 x 2: 256 registers
+    assert not C(n_sub=1, n_acc=2).valid()  # one sub-tile: nothing to overlap
+    assert not C(n_acc=3, wg_n=64, n_sub=2).valid()
 
 
 def test_bad_scale_shapes_fail_loudly():
