@@ -527,8 +527,8 @@ def tensors_to_jax(tensors: Sequence[Any], *, copy: bool | None = None, joint: b
 
 
 def _lean_import(ep: _Endpoint, device: Any, tensors: tuple, first: int, joint: bool, copy: bool | None) -> tuple:
-    api = _lean_state["api"]
-    imp, t2d, jdev, dl_type = api.imp, api.t2d, ep.jax_device, ep.dl_type
+    imp, _, t2d, _ = _lean_state["api"]
+    jdev, dl_type = ep.jax_device, ep.dl_type
     stream = _wait_for_torch(ep, device) if ep.cuda else None
     out = []
     for i, t in enumerate(tensors):
@@ -560,8 +560,7 @@ def arrays_to_torch(arrays: Sequence[Any], *, copy: bool | None = None, device: 
     if checked and device is not None and not copy:  # the torch ops: their executable's outputs
         ep = _endpoints.get(device)
         if ep is not None:
-            api = _lean_state["api"]
-            exp, d2t = api.exp, api.d2t
+            _, exp, _, d2t = _lean_state["api"]
             stream = _current_stream_ptr(ep) if ep.cuda else None
             out = []
             for a in arrays:
@@ -589,8 +588,7 @@ def arrays_to_torch(arrays: Sequence[Any], *, copy: bool | None = None, device: 
     ep = _endpoint(device) if device.type in ("cpu", "cuda") else None
     if ep is None:
         return tuple(None if a is None else to_torch(a, copy=copy) for a in arrays)
-    api = _lean_state["api"]
-    exp, d2t = api.exp, api.d2t
+    _, exp, _, d2t = _lean_state["api"]
     stream = _current_stream_ptr(ep) if ep.cuda else None
     out = []
     for a in arrays:

@@ -712,3 +712,44 @@ def test_lean_path_falls_back_when_the_private_api_breaks(monkeypatch):
         bridge.set_lean_dlpack(prev)
     assert bridge.tensors_to_jax([t])[0].unsafe_buffer_pointer() == t.data_ptr()
     assert bridge.lean_dlpack_status()["devices"]["cpu"] is True
+
+
+def test_lean_cuda_stream_work_with_mocked_torch_cuda(monkeypatch):
+    """The CUDA lean path's per-call stream work, with torch's CUDA entry points mocked (runs on CPU):
+    each torch -> JAX wait records one reused event (one per device and thread) on torch's *current*
+    stream of the device, then makes JAX's external-ready stream wait for it, in that order; the
+    exports get the current raw stream (1 for the legacy default stream, as torch.from_dlpack)."""
+    import threading
+
+    calls = []
+    current = {"ids": (7, 0, 1), "raw": 0}
+
+    class JaxDevice:
+        def get_stream_for_external_ready_events(self):
+            return 1234
+
+    class Event:
+        pass
+
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda s, device=None: ("jax stream", s))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda stream_id, device_index, device_type: ("torch stream", stream_id))
+    for name in ("_ext_streams", "_cuda_events", "_torch_streams"):
+        monkeypatch.setattr(bridge, name, {})
+    ep = bridge._Endpoint(JaxDevice(), 2, True, 0, lambda i: current["ids"], lambda i: current["raw"],
+                          lambda ev, st: calls.append(("record", ev, st)), lambda ev, st: calls.append(("wait", ev, st)))
+    assert bridge._wait_for_torch(ep, "cuda:0") == 1234
+    current["ids"] = (8, 0, 1)  # the user switched torch's current stream
+    assert bridge._wait_for_torch(ep, "cuda:0") == 1234
+    assert [c[0] for c in calls] == ["record", "wait", "record", "wait"]
+    assert calls[0][1] is calls[1][1] is calls[2][1] is calls[3][1]  # one event, reused
+    assert [calls[0][2], calls[2][2]] == [("torch stream", 7), ("torch stream", 8)]
+    assert calls[1][2] == calls[3][2] == ("jax stream", 1234)
+    other = []
+    th = threading.Thread(target=lambda: other.append(bridge._wait_for_torch(ep, "cuda:0")))
+    th.start()
+    th.join()
+    assert other == [1234] and calls[4][1] is not calls[0][1]  # another thread: its own event
+    assert bridge._current_stream_ptr(ep) == 1  # legacy default stream
+    current["raw"] = 0xABC0
+    assert bridge._current_stream_ptr(ep) == 0xABC0

@@ -339,6 +339,84 @@ def test_bad_inputs_raise_clear_errors(what, bad):
         call(bad)
 
 
+@pytest.mark.parametrize("what", list(BAD_CALLS))
+def test_bad_inputs_raise_after_good_calls_cached_their_plans(what, bad, monkeypatch):
+    """The per-call plans (checks done once per argument metadata) never let a bad call through:
+    after good calls of every op with the same key and shapes, each bad call still raises."""
+    monkeypatch.setattr(ops, "DIRECT_EAGER", True)
+    ops.quantize(bad.x, TOK)
+    ops.rms_norm_quant(bad.x, bad.w, TOK, residual=bad.res)
+    ops.silu_and_mul_quant(bad.x, TOK)
+    ops.scaled_mm(bad.qa, bad.wt, bad.ws, input_quant_key=TOK)
+    call, err, match = BAD_CALLS[what]
+    with pytest.raises(err, match=match):
+        call(bad)
+
+
+def test_plans_follow_the_metadata_of_the_same_tensor(monkeypatch):
+    """A plan is keyed by type, shape, dtype, device and contiguity of every tensor: the same tensor
+    object transposed in place (same shape, other strides) or re-typed misses it and is checked."""
+    monkeypatch.setattr(ops, "DIRECT_EAGER", True)
+    x = torch.randn(128, 128).bfloat16()
+    ops.quantize(x, TOK)
+    x.t_()  # same object, same shape, now column-major
+    with pytest.raises(BridgeError, match="contiguous"):
+        ops.quantize(x, TOK)
+    with pytest.raises(BridgeError, match="contiguous"):
+        torch.ops.quantact.quantize(x, str(TOK), None, None, None)
+    x.t_()
+    ops.quantize(x, TOK)
+    x.data = x.data.to(torch.int32)
+    with pytest.raises(QuantLayoutError, match="dtype"):
+        ops.quantize(x, TOK)
+    # validate() checks each metadata combination once, and a new one again
+    qa = ops.quantize(torch.randn(4, 256).bfloat16(), TOK)
+    qa.validate()
+    qa.data = qa.data[:2]
+    with pytest.raises(QuantLayoutError):
+        qa.validate()
+
+
+def test_plan_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(ops, "PLAN_CACHE_SIZE", 3)
+    ops.clear_plan_cache()
+    for m in range(1, 9):
+        ops.quantize(torch.randn(m, 128).bfloat16(), TOK)
+        assert len(ops._plans) <= 3
+    ops.clear_plan_cache()
+
+
+def test_run_refuses_capture_and_switches_device_with_mocked_cuda(monkeypatch):
+    """The CUDA branch of a call, with torch's CUDA entry points mocked (runs on CPU): CUDA graph
+    capture is refused, and on another current device the call runs under ``torch.cuda.device``
+    of the input's."""
+    plan = ops._Plan(None, 1, torch.device("cpu"), ())
+    seen = []
+    fake = SimpleNamespace(_cuda_getDevice=lambda: 1, _cuda_isCurrentStreamCapturing=lambda: True)
+    monkeypatch.setattr(ops, "_C", fake)
+    monkeypatch.setattr(ops, "_call", lambda p, x, a: seen.append("call") or ("out",))
+    with pytest.raises(RuntimeError, match="CUDA graph capture"):
+        ops._run(plan, None, ())
+    assert seen == []
+    fake._cuda_isCurrentStreamCapturing = lambda: False
+    assert ops._run(plan, None, ()) == ("out",)
+
+    class Device:
+        def __init__(self, index):
+            seen.append(("device", index))
+
+        def __enter__(self):
+            seen.append("enter")
+
+        def __exit__(self, *exc):
+            seen.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    fake._cuda_getDevice = lambda: 0
+    assert ops._run(plan, None, ()) == ("out",)
+    assert seen == ["call", ("device", 1), "enter", "call", "exit"]
+
+
 # ---------------------------------------------------------------- the key string through the op schema
 LAYOUTS = {
     1: [ScaleLayout.ROW_MAJOR],
