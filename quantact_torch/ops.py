@@ -18,6 +18,13 @@ Per-call host cost
     JAX views of weight-like inputs (RMSNorm weight, static scales, ``scaled_mm``'s weight, weight
     scale, bias, input scale) are cached by (pointer, shape, dtype, device, torch version counter):
     an in-place update re-imports, and an entry dies with its tensor (``clear_view_cache()`` drops all).
+    Every call (direct or through the custom op) looks up a *plan* by (op, key, eps / dtypes, and
+    type, shape, dtype, device and contiguity of every tensor argument): the first call with that
+    metadata runs the checks (which read nothing else), finds the jitted function and the output
+    shape; later calls only check the per-call state (CUDA graph capture, the current device).
+    ``clear_plan_cache()`` drops them. On CUDA the torch -> JAX stream wait and the exports read
+    torch's current stream through ``torch._C`` and reuse one event per device and thread
+    (:mod:`interop.bridge`). ``bench/torch_ops_gpu.py`` splits one call into these steps.
 
 torch.compile
     The kernels are ``torch.library`` custom ops in namespace ``quantact`` (``torch.ops.quantact.*``)
@@ -301,9 +308,8 @@ def _call(plan: _Plan, x: Tensor, args: tuple[Tensor | None, ...]) -> tuple:
     cached = plan.cached
     jargs: list[Any] = [None] * len(args)
     todo, pos, keys = [x], [-1], {}
-    for i, t in enumerate(args):
-        if t is None:
-            continue
+    for i in plan.present:
+        t = args[i]
         if i in cached:
             k = keys[i] = _view_key(t)
             hit = _views.get(k)
@@ -350,6 +356,7 @@ class _Plan(NamedTuple):
     cuda: int                        # the CUDA device index; -1 on CPU
     device: torch.device             # the tensors' device
     cached: tuple[int, ...]          # argument positions read through the view cache (weight-like)
+    present: tuple[int, ...]         # argument positions (after x) that are not None
     orig_shape: torch.Size | None = None  # producers: the activation's orig_shape (x's, with K)
     static: bool = False             # producers: a static key (the scale is the caller's tensor)
 
@@ -359,9 +366,14 @@ PLAN_CACHE_SIZE = 4096
 _plans: dict[tuple, _Plan] = {}
 
 
-def _meta(t: Any) -> tuple | None:
-    """What the checks of a tensor argument read: type, shape, dtype, device, contiguity."""
-    return None if t is None else (type(t), t.shape, t.dtype, t.device, t.is_contiguous())
+def _meta(t: Any) -> tuple:
+    """What the checks of a tensor argument read: type, shape, dtype, device, contiguity (an optional
+    argument that is None enters the plan key as None)."""
+    return (type(t), t.shape, t.dtype, t.device, t.is_contiguous())
+
+
+def _present(*args: Any) -> tuple[int, ...]:
+    return tuple(i for i, t in enumerate(args) if t is not None)
 
 
 def _keep(pk: tuple | None, plan: _Plan) -> _Plan:
@@ -380,9 +392,11 @@ def clear_plan_cache() -> None:
 def _producer_plan(op: str, key: str, x: Tensor, weight: Tensor | None, residual: Tensor | None,
                    scale: Tensor | None, global_scale: Tensor | None, scale_ub: Tensor | None, eps: float) -> _Plan:
     """The producer call's plan: looked up by metadata, or made by the full checks (which raise)."""
+    m = _meta
     try:
-        pk = (op, key, eps, _meta(x), _meta(weight), _meta(residual), _meta(scale), _meta(global_scale),
-              _meta(scale_ub))
+        pk = (op, key, eps, m(x), None if weight is None else m(weight), None if residual is None else m(residual),
+              None if scale is None else m(scale), None if global_scale is None else m(global_scale),
+              None if scale_ub is None else m(scale_ub))
         plan = _plans.get(pk)
     except Exception:  # noqa: BLE001 -- not tensors (or unhashable): the checks below say what is wrong
         pk = plan = None
@@ -392,16 +406,18 @@ def _producer_plan(op: str, key: str, x: Tensor, weight: Tensor | None, residual
     k = _check_producer(op, qkey, x, weight, residual, scale, global_scale, scale_ub)
     cuda = _device_index(x)
     fn = _producer_fn(op, key, float(eps), cuda < 0)
-    return _keep(pk, _Plan(fn, cuda, x.device, (0, 2), torch.Size((*x.shape[:-1], k)), qkey.scale.static))
+    present = _present(weight, residual, scale, global_scale, scale_ub)
+    return _keep(pk, _Plan(fn, cuda, x.device, (0, 2), present, torch.Size((*x.shape[:-1], k)), qkey.scale.static))
 
 
 def _consumer_plan(x: Tensor, x_scale: Tensor | None, key: str, orig_dtype: torch.dtype | None, weight: Tensor,
                    weight_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype | None,
                    input_scale: Tensor | None, weight_key: str | None) -> _Plan:
     """The consumer call's plan: looked up by metadata, or made by the full checks (which raise)."""
+    m = _meta
     try:
-        pk = ("mm", key, weight_key, orig_dtype, out_dtype, _meta(x), _meta(x_scale), _meta(weight),
-              _meta(weight_scale), _meta(bias), _meta(input_scale))
+        pk = ("mm", key, weight_key, orig_dtype, out_dtype, m(x), None if x_scale is None else m(x_scale), m(weight),
+              m(weight_scale), None if bias is None else m(bias), None if input_scale is None else m(input_scale))
         plan = _plans.get(pk)
     except Exception:  # noqa: BLE001 -- not tensors (or unhashable): the checks below say what is wrong
         pk = plan = None
@@ -411,7 +427,8 @@ def _consumer_plan(x: Tensor, x_scale: Tensor | None, key: str, orig_dtype: torc
     cuda = _device_index(x)
     fn = _consumer_fn(key, weight_key, None if orig_dtype is None else canonical_dtype(orig_dtype),
                       None if out_dtype is None else canonical_dtype(out_dtype), cuda < 0)
-    return _keep(pk, _Plan(fn, cuda, x.device, (1, 2, 3, 4)))
+    present = _present(x_scale, weight, weight_scale, bias, input_scale)
+    return _keep(pk, _Plan(fn, cuda, x.device, (1, 2, 3, 4), present))
 
 
 # ---------------------------------------------------------------- custom ops
