@@ -390,7 +390,7 @@ def test_run_refuses_capture_and_switches_device_with_mocked_cuda(monkeypatch):
     """The CUDA branch of a call, with torch's CUDA entry points mocked (runs on CPU): CUDA graph
     capture is refused, and on another current device the call runs under ``torch.cuda.device``
     of the input's."""
-    plan = ops._Plan(None, 1, torch.device("cpu"), ())
+    plan = ops._Plan(None, 1, torch.device("cpu"), (), ())
     seen = []
     fake = SimpleNamespace(_cuda_getDevice=lambda: 1, _cuda_isCurrentStreamCapturing=lambda: True)
     monkeypatch.setattr(ops, "_C", fake)
