@@ -69,7 +69,6 @@ Errors
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
