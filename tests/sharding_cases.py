@@ -4,12 +4,20 @@ and it skips itself unless 8 devices are present).
 
 Sharded producers, the sharded consumer and the TP block are compared with the single-device ops
 bit for bit, except where a cross-shard reduction changes the summation order (row parallel); there
-the bound is derived below.
+the bound is derived in ``sharding_bounds.py`` (shared with the multi-GPU bench scripts).
+
+``QUANTACT_SHARDING_DEVICES=<platform>`` (e.g. ``gpu``) builds the mesh from that platform's devices
+instead: 8 or more -> the 2x4 mesh, 4 -> 1x4, 2 or 3 -> 1x2 (axes ``("x", "y")``; ``y`` is the TP
+axis); fewer than 2 skip. Shapes whose outcome depends on the axis sizes are derived from them (the
+2x4 mesh gets the original literals). tests/test_sharding.py runs it that way on a multi-GPU host.
+On a GPU every GEMM here has M <= 64: the auto backend runs Triton (f32 accumulation), so the
+f32-order bounds apply as on the CPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +25,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from sharding_bounds import close_after_cast, interleave_halves, single_mlp
+from sharding_bounds import mm_bound as _mm_bound
+from sharding_bounds import row_parallel_bound as _row_parallel_bound
 
 from interop import keys as K
 from interop.errors import QuantShardingError
@@ -26,9 +37,30 @@ from quantact_jax import producers as PR
 from quantact_jax import reference as R
 from quantact_jax import sharding as S
 
-pytestmark = pytest.mark.skipif(jax.device_count() != 8, reason="needs 8 (virtual) devices: run via test_sharding.py")
+PLATFORM = os.environ.get("QUANTACT_SHARDING_DEVICES", "").strip()
 
-MESH = Mesh(np.array(jax.devices()).reshape(2, 4), ("x", "y")) if jax.device_count() == 8 else None
+
+def _mesh() -> tuple[Mesh | None, str]:
+    """The test mesh, or ``None`` and why not."""
+    if not PLATFORM:
+        if jax.device_count() != 8:
+            return None, "needs 8 (virtual) devices: run via test_sharding.py"
+        return Mesh(np.array(jax.devices()).reshape(2, 4), ("x", "y")), ""
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (read when NCCL starts)
+    try:
+        devs = jax.devices(PLATFORM)
+    except RuntimeError:
+        devs = []
+    if len(devs) < 2:
+        return None, f"QUANTACT_SHARDING_DEVICES={PLATFORM}: needs at least 2 {PLATFORM} devices, found {len(devs)}"
+    shape = (2, 4) if len(devs) >= 8 else (1, 4) if len(devs) >= 4 else (1, 2)
+    return Mesh(np.array(devs[:shape[0] * shape[1]]).reshape(shape), ("x", "y")), ""
+
+
+MESH, _WHY = _mesh()
+pytestmark = pytest.mark.skipif(MESH is None, reason=_WHY or "no mesh")
+X, Y = (MESH.shape["x"], MESH.shape["y"]) if MESH is not None else (2, 4)  # axis sizes (2x4 on 8 CPU devices)
+XK, NXK = ("x", X) if X > 1 else ("y", Y)  # an axis of size > 1 for cases that need a split (y on a 1 x n mesh)
 G128 = K.kFp8Dynamic128Sym
 
 
@@ -58,24 +90,25 @@ RULES = [  # key, orig_shape, data spec, expected scale spec (or an error substr
     (K.kFp8DynamicTokenSym, (64, 256), P("x", "y"), P("x", None)),  # scale replicated along K
     (K.kFp8StaticChannelSym, (64, 256), P("x", "y"), P(None, "y")),
     (K.kFp8Static128BlockSym, (256, 512), P("x", "y"), P("x", "y")),
-    (K.kFp8Static128BlockSym, (256, 512), P("y", "x"), "cuts its 128-row scale blocks"),
+    (K.kFp8Static128BlockSym, (64 * Y, 512), P("y", "x"), "cuts its 128-row scale blocks"),
     (G128, (64, 1024), P("x", "y"), P("x", "y")),
-    (G128, (64, 256), P("x", "y"), "not a multiple of the 128-element scale group"),
+    (G128, (64, 64 * Y), P("x", "y"), "not a multiple of the 128-element scale group"),
     (G128.with_layout("col_major"), (64, 1024), P("x", "y"), P("y", "x")),
     (G128.with_layout("col_major_tma"), (24, 256), P("x"), P(None, "x")),
-    (G128.with_layout("col_major_tma"), (24, 256), P(("x", "y")), "multiple of 4 rows, not 3"),
+    (G128.with_layout("col_major_tma"), (3 * X * Y, 256), P(("x", "y")), "multiple of 4 rows, not 3"),
     (G128.with_layout("packed_ue8m0"), (64, 1024), P("y", "x"), P("x", "y")),
-    (G128.with_layout("packed_ue8m0"), (64, 1024), P("x", "y"), "4 groups per int32 word"),
+    (G128.with_layout("packed_ue8m0"), (64, 256 * Y), P("x", "y"), "4 groups per int32 word"),
     (K.kNvfp4Dynamic, (256, 256), P("x"), P("x", None)),
-    (K.kNvfp4Dynamic, (256, 256), P("y"), "multiple of 128 rows, not 64"),
-    (K.kNvfp4Dynamic, (256, 256), P(None, "x"), "interleave the 4-group column tiles"),
+    (K.kNvfp4Dynamic, (64 * Y, 256), P("y"), "multiple of 128 rows, not 64"),
+    (K.kNvfp4Dynamic, (256, 256), P(None, XK), "interleave the 4-group column tiles"),
     (K.kNvfp4Dynamic.with_layout("row_major"), (64, 256), P("x", "y"), P("x", "y")),
     (K.kMxfp8Dynamic, (2, 128, 256), P("x", None, None), P("x", None)),
-    (K.kFp8DynamicTokenSym, (2, 32, 256), P("x", "y", None), P(("x", "y"), None)),  # B == |x|: rows contiguous
+    (K.kFp8DynamicTokenSym, (X, 32, 256), P("x", "y", None), P(("x", "y"), None)),  # B == |x|: rows contiguous
     (K.kFp8DynamicTokenSym, (4, 32, 256), P("x", "y", None), "one contiguous block"),
     (K.kFp8DynamicTokenSym, (4, 32, 256), P(None, "y", None), "one contiguous block"),
-    (K.kFp8DynamicTokenSym, (6, 256), P("y"), "does not split evenly"),
-    (K.kNvfp4Dynamic.with_layout("row_major"), (64, 16), P(None, ("x", "y")), "2 wide, not a multiple of the 16"),
+    (K.kFp8DynamicTokenSym, (Y + Y // 2, 256), P("y"), "does not split evenly"),
+    (K.kNvfp4Dynamic.with_layout("row_major"), (64, 2 * X * Y), P(None, ("x", "y")),
+     "2 wide, not a multiple of the 16"),
     (K.kFp8DynamicTokenSym, (64, 256), P("x", "x"), "uses a mesh axis twice"),
     (K.kFp8DynamicTokenSym, (64, 256), P("tp"), "not in the mesh"),
     (K.kFp8DynamicTokenSym, (64, 256), P(None, None, None), "more entries"),
@@ -136,7 +169,7 @@ QUANT = [  # key, shape, spec
     (K.kFp8StaticTokenSym, (64, 256), P("y", "x")),
     (K.kFp8Static128BlockSym, (256, 512), P("x", "y")),
     (K.kNvfp4Static, (256, 128), P("x")),
-    (K.kInt8DynamicTokenSym, (2, 32, 256), P("x", "y", None)),
+    (K.kInt8DynamicTokenSym, (X, 32, 256), P("x", "y", None)),
 ]
 
 
@@ -178,13 +211,6 @@ def test_sharded_rms_norm_quant_rows(key):
         _same(got_nores, PR.rms_norm_quant(x, w, key, **kw)[0])
 
 
-def _interleave(x, parts):
-    """[..., 2d] = [gate | up] -> shard i of the last dim holds [gate_i | up_i]."""
-    d = x.shape[-1] // 2
-    g, u = (a.reshape(*x.shape[:-1], parts, d // parts) for a in (x[..., :d], x[..., d:]))
-    return jnp.concatenate([g, u], axis=-1).reshape(x.shape)
-
-
 @pytest.mark.parametrize("key,spec", [(G128, P("x", "y")), (K.kFp8DynamicTensorSym, P("x", "y")),
                                       (K.kFp8StaticTensorSym, P(None, ("x", "y"))), (K.kNvfp4Dynamic, P("x"))],
                          ids=str)
@@ -193,7 +219,7 @@ def test_sharded_silu_and_mul_quant(key, spec):
     kw = _kw(key, x[:, :512])
     want = PR.silu_and_mul_quant(x, key, **kw)
     parts = S.shard_plan(key, (256, 512), spec, MESH).k_parts
-    got = S.sharded_silu_and_mul_quant(_interleave(x, parts), key, MESH, spec, **kw)
+    got = S.sharded_silu_and_mul_quant(interleave_halves(x, parts), key, MESH, spec, **kw)
     _same(got, want)
 
 
@@ -201,8 +227,9 @@ def test_sharded_silu_and_mul_quant(key, spec):
     (lambda x, w: S.sharded_rms_norm_quant(x, w, K.kFp8DynamicTokenSym, MESH, P("x", "y")), "needs whole rows"),
     (lambda x, w: S.sharded_quantize(x, K.kFp8DynamicTokenSym, MESH, P("x", "y")), "amax of whole rows"),
     (lambda x, w: S.sharded_silu_and_mul_quant(x, K.kFp8DynamicTokenSym, MESH, P(None, "y")), "amax of whole rows"),
-    (lambda x, w: S.sharded_quantize(x, K.kNvfp4Dynamic, MESH, P("x"), global_scale=1.0), "128 rows, not 32"),
-    (lambda x, w: S.sharded_quantize(x, G128, MESH, P(None, ("x", "y"))), "128-element scale group"),
+    (lambda x, w: S.sharded_quantize(x[:32 * NXK], K.kNvfp4Dynamic, MESH, P(XK), global_scale=1.0),
+     "128 rows, not 32"),
+    (lambda x, w: S.sharded_quantize(x[:, :64 * X * Y], G128, MESH, P(None, ("x", "y"))), "128-element scale group"),
 ])
 def test_bad_shardings_fail_clearly(call, match):
     with pytest.raises(QuantShardingError, match=match):
@@ -257,19 +284,6 @@ def test_sharded_scaled_mm_data_and_column_parallel_bit_exact(akey, wmode):
     assert (_bytes(got2) == _bytes(C.scaled_mm(x, w, ws, input_quant_key=akey))).all()
 
 
-def _row_parallel_bound(qa, w, ws, wmode, n_blocks):
-    """Row parallel sums the per-shard partials (scales applied) in another order than the
-    single-device kernel's sequential K loop over 128-wide blocks; the products inside each block
-    are the same. Both orders are sums of ``n_blocks`` f32 terms, each scaled by two roundings, so
-    each is within ``(n_blocks + 2) * u * sum|terms|`` of the exact value (u = 2**-24); their
-    difference within twice that, with ``sum|terms|`` = the GEMM of the dequantized magnitudes."""
-    wk = {"tensor": C.WEIGHT_PER_TENSOR, "channel": C.WEIGHT_PER_CHANNEL, "block": C.WEIGHT_BLOCK_128}[wmode]
-    a = jnp.abs(R.dequantize(qa)).reshape(-1, qa.orig_shape[-1])
-    wv = jnp.abs(R.dequantize_codes(w, ws, wk, w.shape))
-    mag = np.asarray(jnp.matmul(a, wv.T, precision=jax.lax.Precision.HIGHEST))
-    return 2 * (n_blocks + 2) * 2.0**-24 * mag
-
-
 @pytest.mark.parametrize("akey,wmode", MM, ids=[f"{a.scale.group_shape}-{w}" for a, w in MM])
 def test_sharded_scaled_mm_row_parallel(akey, wmode):
     x = _x((64, 512), 10)
@@ -279,12 +293,13 @@ def test_sharded_scaled_mm_row_parallel(akey, wmode):
     want = np.asarray(C.scaled_mm(qa, w, ws, bias=b, out_dtype=jnp.float32, input_quant_key=akey))
     got = S.sharded_scaled_mm(qa, w, ws, MESH, P("x", "y"), bias=b, out_dtype=jnp.float32, input_quant_key=akey)
     assert got.sharding.is_equivalent_to(NamedSharding(MESH, P("x", None)), 2)
-    np.testing.assert_array_less(np.abs(np.asarray(got) - want), _row_parallel_bound(qa, w, ws, wmode, 4) + 1e-30)
+    bound = _row_parallel_bound(qa, w, ws, wmode, 4, bias=b)
+    np.testing.assert_array_less(np.abs(np.asarray(got) - want), bound + 1e-30)
 
 
 def test_sharded_scaled_mm_bad_weight_split():
     qa = PR.quantize(_x((64, 256)), G128)
-    w, ws = _weight(256, 256, "block")
+    w, ws = _weight(64 * Y, 256, "block")  # 64 rows per shard
     with pytest.raises(QuantShardingError, match="multiple of 128"):
         S.sharded_scaled_mm(qa, w, ws, MESH, P("x"), n_axes="y", input_quant_key=G128)
 
@@ -297,19 +312,10 @@ def _tp():
     return M, T
 
 
-def _mm_bound(y, layer, n_blocks):
-    """The row-parallel bound of :func:`_row_parallel_bound` for ``layer(y)`` with a quantized ``y``."""
-    mode = {C.WEIGHT_PER_TENSOR: "tensor", C.WEIGHT_PER_CHANNEL: "channel", C.WEIGHT_BLOCK_128: "block"}
-    return _row_parallel_bound(y, layer.weight, layer.weight_scale, mode[layer.weight_key], n_blocks)
-
-
 def _close_after_cast(got, want, bound):
-    """``got`` and ``want`` are the same f32 sum in two orders (within ``bound``), each rounded to
-    bf16: they differ by at most the bound plus one bf16 step (2**-7 relative), which rounding can
-    tip where the f32 values straddle a bf16 midpoint; such tips are rare."""
-    g, w = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    assert (np.abs(g - w) <= bound + 2.0**-7 * np.maximum(np.abs(g), np.abs(w))).all()
-    assert (g == w).mean() > 0.95, f"{(g != w).mean():.3f} of the outputs differ"
+    """See :func:`sharding_bounds.close_after_cast`: the bound plus one bf16 step, >95% equal."""
+    ok, why = close_after_cast(got, want, bound)
+    assert ok, why
 
 
 TP_KEYS = [G128, K.kFp8StaticTensorSym]  # dynamic per-tensor (the cross-shard amax) runs in the MLP cases
@@ -325,7 +331,7 @@ def test_column_and_row_parallel_linears(key):
     assert got.sharding.is_equivalent_to(NamedSharding(MESH, P("x", "y")), 2)
     assert (_bytes(got) == _bytes(gu(x))).all()
     with pytest.raises(QuantShardingError, match="whole K"):
-        T.column_parallel(gu, x, MESH, P(None, "x"), tp_axis="y")
+        T.column_parallel(gu, x, MESH, P(None, XK), tp_axis="y")
 
     down = block.down.__class__.create(block.down.weight, block.down.weight_scale, input_scale=block.down.input_scale,
                                        bias=jnp.asarray(np.random.default_rng(4).standard_normal(256), jnp.float32),
@@ -335,7 +341,8 @@ def test_column_and_row_parallel_linears(key):
     want = down(y, out_dtype=jnp.float32)
     got = T.row_parallel(down, h, MESH, P("x", "y"), out_dtype=jnp.float32)  # plain input: sharded quantization
     assert got.sharding.is_equivalent_to(NamedSharding(MESH, P("x", None)), 2)
-    np.testing.assert_array_less(np.abs(np.asarray(got) - np.asarray(want)), _mm_bound(y, down, 4) + 1e-30)
+    bound = _mm_bound(y, down, 4, bias=down.bias)
+    np.testing.assert_array_less(np.abs(np.asarray(got) - np.asarray(want)), bound + 1e-30)
 
 
 def test_interleave_gate_up_pairs_shards():
@@ -350,18 +357,6 @@ def test_interleave_gate_up_pairs_shards():
         T.interleave_gate_up(block.gate_up, 8)
 
 
-def _single_mlp(M, block, x, res, fused):
-    """One device's block, and the down projection's quantized input (for the bound)."""
-    out, res_out = M.mlp(block, x, res, fused=fused)
-    a, _ = PR.rms_norm_quant(x, block.norm_weight, layer=block.gate_up, residual=res, eps=block.eps)
-    if not fused:
-        n = R.rms_norm(x, block.norm_weight, block.eps, res, add_in_f32=False)[0]
-        a = block.gate_up.quantize_input(n)
-    h = block.gate_up(a)
-    y = PR.silu_and_mul_quant(h, layer=block.down) if fused else block.down.quantize_input(M.silu_and_mul(h))
-    return out, res_out, h, y
-
-
 MLP_CASES = [(K.kFp8DynamicTensorSym, True), (G128, True), (G128, False)]
 
 
@@ -371,7 +366,7 @@ def test_tp_mlp_matches_single_device(key, fused):
     block = M.make_block(256, 512, key=key, seed=3)
     x, res = _x((64, 256), 13), _x((64, 256), 14)
     # under jit, as a model runs it (outside jit, shard_map runs the plain path's many jnp ops one by one)
-    want, want_res, _, y = jax.jit(lambda a, r: _single_mlp(M, block, a, r, fused))(x, res)
+    want, want_res, _, y = jax.jit(lambda a, r: single_mlp(block, a, r, fused))(x, res)
     tpb = T.shard_mlp_block(block, MESH, "y")
     got, got_res = jax.jit(lambda b, a, r: T.tp_mlp(b, a, MESH, P("x"), residual=r, fused=fused))(tpb, x, res)
     assert got.sharding.is_equivalent_to(NamedSharding(MESH, P("x", None)), 2)
@@ -391,14 +386,14 @@ def test_tp_mlp_per_token_scales_are_shard_local_or_rejected():
     got, _ = T.tp_mlp(tpb, x, MESH, P("x"), shard_local_scales=True)
     # the same computation composed shard by shard on one device: per-token quantization of each
     # [gate_i | up_i] slice, each shard's partial down GEMM in f32, summed in shard order
-    h = jax.jit(lambda a: _single_mlp(M, block, a, None, True)[2])(x)
-    i4 = 128
+    h = jax.jit(lambda a: single_mlp(block, a, None, True)[2])(x)
+    w = 512 // Y  # each of the Y shards' slice of the intermediate
     parts, bound = [], 0.0
-    for i in range(4):
-        hi = jnp.concatenate([h[:, i4 * i:i4 * (i + 1)], h[:, 512 + i4 * i:512 + i4 * (i + 1)]], axis=1)
+    for i in range(Y):
+        hi = jnp.concatenate([h[:, w * i:w * (i + 1)], h[:, 512 + w * i:512 + w * (i + 1)]], axis=1)
         yi = PR.silu_and_mul_quant(hi, layer=block.down)
-        di = dataclasses.replace(block.down, weight=block.down.weight[:, i4 * i:i4 * (i + 1)])
+        di = dataclasses.replace(block.down, weight=block.down.weight[:, w * i:w * (i + 1)])
         parts.append(np.asarray(di(yi, out_dtype=jnp.float32)))
-        bound = bound + _mm_bound(yi, di, 1)
+        bound = bound + _mm_bound(yi, di, w // 128)
     want = sum(parts).astype(jnp.bfloat16)
     _close_after_cast(got, want, bound)
