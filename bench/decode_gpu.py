@@ -18,6 +18,7 @@ from the exact sum, relative to sum |a||w| (f32 order errs ~K*2^-24; the fast ac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -69,29 +70,40 @@ def check(got, a, b, sa, sb, bias, out_dtype) -> dict:
                                                                                   and np.nanmax(ratio) <= 1.0))
 
 
-def triton_accumulation(res: dict) -> None:
-    """How far the Triton kernel's fp8 dot is from the exact sum at M=5, K=256 (test_layers)."""
-    a, b, sa, sb, _ = problem(5, 512, 256, 7)
+def accumulation(res: dict) -> None:
+    """How far each decode GEMM's f32 result is from the exact sum (err / sum|a||w|, unit scales): Triton's
+    fp8 dot, XLA's, the Mosaic decode kernel with the tensor core's fast accumulator and with a promotion
+    into f32 registers per K step (``DecodeConfig.promote``), at K = 256 (test_layers) and K = 8192."""
     one = jnp.ones
     from interop.keys import kFp8DynamicTokenSym
     from quantact_jax.activation import QuantizedActivation
-    qa = QuantizedActivation(data=a, scale=one((5, 1), jnp.float32), quant_key=kFp8DynamicTokenSym, orig_dtype=jnp.float32,
-                             orig_shape=(5, 256))
-    out = {}
-    for backend in ("triton", "xla"):
-        if backend == "triton":
-            y = C.scaled_mm(qa, b, one((512, 1), jnp.float32), input_quant_key=kFp8DynamicTokenSym, out_dtype=jnp.float32,
-                            backend="triton")
-        else:
-            y = jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    for m, n, k in ((5, 512, 256), (16, 1024, 8192)):
+        a, b, sa, sb, _ = problem(m, n, k, 7)
+        qa = QuantizedActivation(data=a, scale=one((m, 1), jnp.float32), quant_key=kFp8DynamicTokenSym,
+                                 orig_dtype=jnp.float32, orig_shape=(m, k))
+        runs = {
+            "triton": lambda: C.scaled_mm(qa, b, one((n, 1), jnp.float32), input_quant_key=kFp8DynamicTokenSym,
+                                          out_dtype=jnp.float32, backend="triton"),
+            "xla": lambda: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32),
+        }
+        for name, cfg in (("mosaic_fast", MG.DecodeConfig()), ("mosaic_promote_k128", MG.DecodeConfig(promote=True)),
+                          ("mosaic_promote_k64", MG.DecodeConfig(promote=True, tile_k=64, stages=12)),
+                          ("mosaic_promote_k32", MG.DecodeConfig(promote=True, tile_k=32, stages=16))):
+            runs[name] = lambda cfg=cfg: MG.scaled_mm_decode(a, b, one((m,), jnp.float32), one((n,), jnp.float32),
+                                                             None, jnp.float32, cfg)
         a64, b64 = np.asarray(a.astype(jnp.float32), np.float64), np.asarray(b.astype(jnp.float32), np.float64)
         exact = a64 @ b64.T
         mag = np.abs(a64) @ np.abs(b64).T
-        rel = np.abs(np.asarray(y, np.float64) - exact) / mag
-        out[backend] = dict(max_err_over_sum_abs=float(rel.max()), f32_order_bound=2 * 256 * 2.0 ** -24,
-                            fast_bound=(256 / 32) * 2.0 ** -13)
-    res["accumulation_m5_k256"] = out
-    print("accumulation at M=5 K=256 (err / sum|a||w|):", json.dumps(out), flush=True)
+        out = {}
+        for name, run in runs.items():
+            try:
+                rel = np.abs(np.asarray(run(), np.float64) - exact) / mag
+                out[name] = float(rel.max())
+            except Exception as e:  # noqa: BLE001
+                out[name] = f"error {type(e).__name__}: {str(e)[:200]}"
+        out.update(f32_order_bound=2 * k * 2.0 ** -24, fast_bound=(k / 32) * 2.0 ** -13)
+        res[f"accumulation_m{m}_k{k}"] = out
+        print(f"accumulation at M={m} K={k} (max err / sum|a||w|):", json.dumps(out), flush=True)
 
 
 def main() -> int:
@@ -107,7 +119,7 @@ def main() -> int:
     res = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), jax=jax.__version__,
                torch=torch.__version__, checks=[], cases=[])
     try:
-        triton_accumulation(res)
+        accumulation(res)
     except Exception:
         traceback.print_exc()
     # correctness: odd M, N not a multiple of the tile, K a few steps, bias, every output dtype, split-K
@@ -116,7 +128,11 @@ def main() -> int:
                                                            False, jnp.float16),
               (64, 1024, 2048, MG.DecodeConfig(num_wgs=2, stages=4), True, jnp.bfloat16),
               (16, 28672, 4096, None, False, jnp.bfloat16), (3, 512, 512, MG.DecodeConfig(tile_n=128, tile_k=128,
-                                                                                        stages=4), True, jnp.float32)]
+                                                                                        stages=4), True, jnp.float32),
+              (1, 8192, 8192, MG.DecodeConfig(promote=True), True, jnp.bfloat16),
+              (5, 1032, 768, MG.DecodeConfig(promote=True, tile_k=64, stages=12), True, jnp.float32),
+              (33, 2056, 1024, MG.DecodeConfig(promote=True, tile_k=32, stages=16, split_k=2), False, jnp.bfloat16),
+              (64, 1024, 2048, MG.DecodeConfig(promote=True, num_wgs=2, stages=4), True, jnp.bfloat16)]
     all_ok = True
     for i, (m, n, k, cfg, with_bias, od) in enumerate(checks):
         a, b, sa, sb, bias = problem(m, n, k, i)
@@ -162,7 +178,11 @@ def main() -> int:
                                                                 preferred_element_type=jnp.float32)
                                             * sw.reshape(1, -1) * sa.reshape(-1, 1)).astype(jnp.bfloat16))
         row["xla_fp8_dot_us"] = device_us(xla, (a, sa, b, sb))
-        cfgs = [MG.decode_heuristic(m, n, k)]
+        h = MG.decode_heuristic(m, n, k)
+        cfgs = [h, dataclasses.replace(h, promote=True), dataclasses.replace(h, promote=True, tile_k=64, stages=12),
+                dataclasses.replace(h, promote=True, tile_k=256, stages=4),
+                dataclasses.replace(h, promote=True, num_wgs=2, stages=6),
+                dataclasses.replace(h, promote=True, tile_n=128, stages=6)]
         if not args.quick:
             cfgs += [MG.DecodeConfig(tile_n=tn, tile_k=tk, stages=st, split_k=sk, num_wgs=w)
                      for tn, w in ((64, 1), (64, 2), (128, 1)) for tk, st in ((128, 8), (256, 6))

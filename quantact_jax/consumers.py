@@ -18,14 +18,16 @@ H100; its fp8 accumulation is the tensor core's, like cuBLASLt's ``use_fast_accu
 mode on CPU, and with ``split_k > 1`` is the small-M decode path: K is cut into ``split_k``
 slices whose f32 partial sums are added (in a fixed order) before the same epilogue.
 For M <= 64 ``"mosaic"`` is the swap-AB decode kernel (``mosaic_gemm.scaled_mm_decode``: the
-weight fills wgmma's 64-row side, the activation rows its N side; 25.6 us of kernel at
-1x8192x8192 on an H100, 2.6 TB/s), which accumulates like every wgmma kernel in the tensor
-core's ~14-bit fp8 accumulator. ``"auto"`` (default) picks Mosaic on a Hopper GPU for M > 64 when
-the problem fits it and split-K Triton for M <= 64: at decode sizes Triton's fp8 dot (mma.sync)
-accumulates exactly in f32 (measured on the H100: 2.6e-8 of sum|a||w| at K=256, against ~1e-3
-for the tensor core's accumulator) at about the same device time (26-33 us at N=K=8192 against
-Mosaic's 27-30), and the layer and block tests hold it to the exact sum order. Otherwise Triton
-(CPU, interpret mode, untiled shapes, block scales at M <= 64).
+weight fills wgmma's 64-row side, the activation rows its N side; 25.2 us of kernel at
+1x8192x8192 on an H100, 2.7 TB/s), which by default promotes the tensor core's ~14-bit fp8
+accumulator into f32 registers every K step (max error 8.7e-6 of sum|a||w| at K = 8192, against
+3.2e-4 for the fast accumulator over all K and 1.4e-8 for Triton's mma.sync; bench/decode_gpu.py).
+``"auto"`` (default) on a Hopper GPU picks the Mosaic GEMM for M > 64 and the Mosaic decode
+kernel for 8 < M <= 64 when the problem fits them (H100, N = K = 8192, device time: 26.4 / 27.8 us
+at M = 16 / 64 against split-K Triton's 27.3 / 32.3), and split-K Triton for M <= 8, where its
+exact f32 accumulation also comes faster (26.2 us at M = 1 against 27.2: the decode kernel's
+output transpose and padded scales cost ~2.5 us there). Otherwise Triton (CPU, interpret mode,
+untiled shapes, block scales at M <= 64).
 Block scales on Mosaic (M > 64) are :mod:`quantact_jax.mosaic_block_gemm` (per-128-K promotion).
 
 NVFP4 / MXFP8 / MXFP4 activations go to :mod:`quantact_jax.dequant_gemm` (Hopper has no block-scaled
@@ -52,6 +54,7 @@ from quantact_jax import dequant_gemm, mosaic_block_gemm, mosaic_gemm, producers
 from quantact_jax.activation import QuantizedActivation, as_quantized_activation
 
 F32 = jnp.float32
+MOSAIC_DECODE_MIN_M = 8  # auto: M <= 8 stays on split-K Triton (module docstring)
 FP8 = jnp.float8_e4m3fn
 
 # Weight keys on the ``[N, K]`` weight (interop.weights, re-exported): per-tensor, per-output-channel
@@ -257,10 +260,13 @@ def scaled_mm(x: QuantizedActivation | jax.Array, weight: jax.Array, weight_scal
 
     mosaic_types = (mosaic_gemm.MosaicConfig, mosaic_gemm.DecodeConfig, mosaic_block_gemm.MosaicBlockConfig)
     decode = m <= 64 and not isinstance(config, mosaic_gemm.MosaicConfig)
-    if backend == "auto":
-        # decode-sized M stays on Triton: exact f32 accumulation at the same device time (docstring)
-        fits_mosaic = mosaic_block_gemm.supports if a_mode == "group128" else mosaic_gemm.supports
-        fits = not decode and fits_mosaic(m, n, k, out_dtype)
+    if backend == "auto":  # the choice and its measurements: module docstring
+        if a_mode == "group128":
+            fits = not decode and mosaic_block_gemm.supports(m, n, k, out_dtype)
+        elif decode:
+            fits = m > MOSAIC_DECODE_MIN_M and mosaic_gemm.decode_supports(m, n, k, out_dtype)
+        else:
+            fits = mosaic_gemm.supports(m, n, k, out_dtype)
         backend = "mosaic" if not interpret and config is None and _is_hopper() and fits else "triton"
     if backend == "mosaic":
         if isinstance(config, MatmulConfig):

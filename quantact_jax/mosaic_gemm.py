@@ -230,27 +230,33 @@ class DecodeConfig:
     warpgroup owns ``tile_n`` weight rows, the wgmma M side, and every (padded) activation row,
     the wgmma N side (8..64). ``split_k`` K slices per output tile give every SM a share of the
     weight when N alone makes too few tiles; their f32 partials are summed in XLA in a fixed
-    order before the epilogue."""
+    order before the epilogue. ``promote``: each K step's wgmma goes into a zeroed accumulator
+    that is added to f32 registers (DeepSeek's promotion), so the tensor core's ~14-bit fp8
+    accumulation spans one K step, not all of K: H100, max error / sum|a||w| at K = 8192 is
+    8.7e-6 (K step 128) against 3.2e-4 without (bench/decode_gpu.py; Triton's mma.sync: 1.4e-8)."""
 
     tile_n: int = 64
     tile_k: int = 128
     stages: int = 8
     split_k: int = 1
     num_wgs: int = 1
+    promote: bool = False  # False: the tensor core's fast accumulator over all K; True: f32 register sums per K step
 
     def smem_bytes(self, mp: int) -> int:
         return self.stages * (self.num_wgs * self.tile_n + mp) * self.tile_k + self.num_wgs * self.tile_n * mp * 4 + 4096
 
 
 def decode_heuristic(m: int, n: int, k: int, num_sms: int = 132) -> DecodeConfig:
-    """64-row weight tiles, 128-wide K steps, 8 stages (H100: 25.6 us of kernel at 1x8192x8192,
-    2.6 TB/s; stages 4-12 and K steps of 256 within 1 us of it); K split until the tiles cover the SMs."""
-    tk = 128
+    """64-row weight tiles, 256-wide K steps, 4 stages, promoted per K step (H100, device time with the
+    glue: 27.2 / 26.4 / 27.8 us at M = 1 / 16 / 64, N = K = 8192; 44.8 at 16x28672x4096; the best of the
+    sweep everywhere, 0.1-0.7 us ahead of 128-wide steps, and the promotion costs nothing measurable);
+    K split until the tiles cover the SMs. K not a multiple of 256: 128-wide steps, 8 stages."""
+    tk = 256 if k % 256 == 0 else 128
     tiles = cdiv(n, 64)
     split = 1
     while tiles * split * 2 <= num_sms + num_sms // 4 and k % (2 * split * tk) == 0:
         split *= 2
-    return DecodeConfig(tile_n=64, tile_k=tk, stages=8, split_k=split)
+    return DecodeConfig(tile_n=64, tile_k=tk, stages=4 if tk == 256 else 8, split_k=split, promote=True)
 
 
 def decode_rows(m: int) -> int:
@@ -272,8 +278,8 @@ def _decode_kernel(w_gmem, x_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     n, k = w_gmem.shape
-    mp = x_gmem.shape[0]
-    tn, tk, wgs, split = cfg.tile_n, cfg.tile_k, cfg.num_wgs, cfg.split_k
+    mp = decode_rows(x_gmem.shape[0])
+    tn, tk, wgs, split, pk = cfg.tile_n, cfg.tile_k, cfg.num_wgs, cfg.split_k, cfg.promote
     cta_n = wgs * tn
     k_per = k // split
     swizzle = plgpu.find_swizzle(tk * 8)
@@ -321,8 +327,11 @@ def _decode_kernel(w_gmem, x_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg
 
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tn, mp), F32))
                 def _acc(acc_ref):
-                    run(acc_ref)
-                    out = acc_ref[...]  # [weight rows, activation rows]: the transposed output tile
+                    if pk:
+                        _, out = run((acc_ref, plgpu.layout_cast(jnp.zeros((tn, mp), F32), plgpu.Layout.WGMMA)))
+                    else:
+                        run(acc_ref)
+                        out = acc_ref[...]  # [weight rows, activation rows]: the transposed output tile
                     if has_vecs:
                         for j in range(nv):
                             plgpu.barrier_wait(bars.at[wg * nv + j])
@@ -341,8 +350,15 @@ def _decode_kernel(w_gmem, x_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg
                 plgpu.wgmma_wait(0)
                 return acc_ref
 
-            pipeline(mma, compute_context)(w_gmem.at[pl.ds(ni * cta_n, cta_n), pl.ds(s * k_per, k_per)],
-                                           x_gmem.at[:, pl.ds(s * k_per, k_per)], allocations=allocs)
+            def mma_promote(_, w_smem, x_smem, carry):  # each K step into a fresh accumulator, summed in f32
+                acc_ref, total = carry
+                acc_ref[...] = plgpu.layout_cast(jnp.zeros((tn, mp), F32), plgpu.Layout.WGMMA)
+                plgpu.wgmma(acc_ref, w_smem.at[pl.ds(wg * tn, tn)], x_smem.T)
+                return acc_ref, total + acc_ref[...]  # the load waits for the wgmma
+
+            pipeline(mma_promote if pk else mma, compute_context)(
+                w_gmem.at[pl.ds(ni * cta_n, cta_n), pl.ds(s * k_per, k_per)], x_gmem.at[:, pl.ds(s * k_per, k_per)],
+                allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -359,9 +375,9 @@ def scaled_mm_decode(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array, b
     if not decode_supports(m, n, k, out_dtype, cfg):
         raise ValueError(f"the Mosaic decode GEMM does not take M={m} N={n} K={k} out {jnp.dtype(out_dtype)} "
                          f"with {cfg}")
-    mp = decode_rows(m)
-    if mp != m:
-        a = jnp.pad(a, ((0, mp - m), (0, 0)))
+    mp = decode_rows(m)  # rows past M: TMA zero-fills them on load, so no padded copy of the activation,
+    if m > 8 and m % 8:  # except that a TMA descriptor's rows must be fewer than 8 or a multiple of 8
+        a = jnp.pad(a, ((0, cdiv(m, 8) * 8 - m), (0, 0)))
     np_ = cdiv(n, cfg.num_wgs * cfg.tile_n) * cfg.num_wgs * cfg.tile_n
     sa = _pad(jnp.broadcast_to(sa.astype(F32).reshape(-1), (m,)), mp)
     sb = _pad(jnp.broadcast_to(sb.astype(F32).reshape(-1), (n,)), np_)

@@ -153,13 +153,30 @@ def test_mosaic_matches_references(m, n, k, akey, wmode, bias, out_dtype):
     (1, 1032, 768, None), (5, 520, 1024, None), (16, 4104, 512, None), (33, 1024, 2048, None), (64, 776, 1280, None),
     (7, 1040, 1024, C.mosaic_gemm.DecodeConfig(split_k=4)), (24, 1024, 512, C.mosaic_gemm.DecodeConfig(num_wgs=2)),
     (40, 1096, 768, C.mosaic_gemm.DecodeConfig(tile_n=128, stages=4)),
-    (9, 512, 1024, C.mosaic_gemm.DecodeConfig(tile_k=256, stages=4, split_k=2))], ids=str)
+    (9, 512, 1024, C.mosaic_gemm.DecodeConfig(tile_k=256, stages=4, split_k=2)),
+    (1, 1032, 768, C.mosaic_gemm.DecodeConfig(promote=True)),
+    (5, 520, 1024, C.mosaic_gemm.DecodeConfig(promote=True, tile_k=64, stages=12, split_k=2)),
+    (48, 1040, 512, C.mosaic_gemm.DecodeConfig(promote=True, tile_k=64, stages=8, num_wgs=2)),
+    (13, 1024, 768, C.mosaic_gemm.DecodeConfig(promote=True, tile_k=256, stages=3))], ids=str)
 def test_mosaic_decode_matches_references(m, n, k, cfg, akey, wmode, bias, out_dtype):
     # swap-AB: N (the wgmma M side) not a multiple of the 64/128-row tiles, M padded to 16, split K
     qa, wq, ws, wk, b = _problem(m, n, k, akey, wmode, bias)
     assert C.mosaic_gemm.decode_supports(m, n, k, jnp.bfloat16, cfg)
     got = C.scaled_mm(qa, wq, ws, bias=b, out_dtype=out_dtype, input_quant_key=akey, backend="mosaic", config=cfg)
     _check(got, qa, wq, ws, wk, b, out_dtype, fast_accum=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Mosaic decode GEMM needs a Hopper GPU")
+@pytest.mark.parametrize("m,want", [(5, "triton"), (8, "triton"), (9, "mosaic"), (64, "mosaic")], ids=str)
+def test_decode_auto_dispatch(m, want):
+    # auto: M <= 8 on split-K Triton, 8 < M <= 64 on the Mosaic decode kernel (promoted accumulation)
+    akey, wmode = CASES[1]
+    qa, wq, ws, wk, b = _problem(m, 1024, 1024, akey, wmode, True)
+    got = C.scaled_mm(qa, wq, ws, bias=b, input_quant_key=akey)
+    ref = C.scaled_mm(qa, wq, ws, bias=b, input_quant_key=akey, backend=want)
+    assert (np.asarray(got, np.float32) == np.asarray(ref, np.float32)).all()
+    _check(got, qa, wq, ws, wk, b, None, fast_accum=want == "mosaic")
 
 
 @pytest.mark.gpu
