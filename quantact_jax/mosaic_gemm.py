@@ -304,8 +304,9 @@ def _decode_kernel(w_gmem, x_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg
 
     @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(w_gmem, x_gmem),
                        out_smem=plgpu.SMEM((wgs, tn, mp), out_dtype, transforms=out_transforms),
-                       # rows of >= 128 bytes: each warpgroup's TMA destination stays 128-byte aligned
-                       sa_smem=plgpu.SMEM((wgs, max(mp, 32)), F32), sb_smem=plgpu.SMEM((wgs, 2, tn), F32),
+                       # rows of a multiple of 128 bytes: each warpgroup's TMA destination stays 128-byte
+                       # aligned (a 48-row tile's 192-byte rows faulted with a misaligned address, H100)
+                       sa_smem=plgpu.SMEM((wgs, cdiv(mp, 32) * 32), F32), sb_smem=plgpu.SMEM((wgs, 2, tn), F32),
                        bars=plgpu.Barrier(num_barriers=max(1, wgs * nv)), collective_axes="wg")
     def _scope(allocs, out_smem, sa_smem, sb_smem, bars):
         wg = lax.axis_index("wg")

@@ -145,11 +145,33 @@ def test_fused_vs_unfused(run):
     assert rel(out, exact) < bound * (2 if key.is_fp4 else 1)
 
 
+def mosaic_decode_gemms(run) -> bool:
+    """True when the block's GEMMs (10 rows) run on the Mosaic decode kernel (a Hopper GPU, fp8
+    per-tensor / per-token keys, K a multiple of 128): its fp8 accumulation is the tensor core's,
+    promoted to f32 every K step, not an exact f32 sum (quantact_jax/consumers.py docstring)."""
+    from quantact_jax import consumers as C
+    key, block = run["key"], run["block"]
+    return (ON_GPU and C._is_hopper() and key.format.value == "fp8" and not key.group_size
+            and all(lay.in_features % 128 == 0 for lay in (block.gate_up, block.down)))
+
+
+def assert_gemm_order_close(got, want, run) -> None:
+    """The same ops in the same order except the GEMMs' sum order: SUM_ORDER_RTOL, most outputs
+    identical. On the Mosaic decode kernel a GEMM output moves by < 1e-5 of sum|a w| (promoted
+    tensor-core accumulation, H100), which can still move a SiLU output across an fp8 code boundary:
+    then the vendor-GEMM bound (VENDOR_GEMM_RTOL, below) and no loss of accuracy against the f32 block."""
+    if mosaic_decode_gemms(run):
+        assert rel(got, want) < VENDOR_GEMM_RTOL
+        exact = f32_block(run["block"], run["x"], run["r"])
+        assert rel(got, exact) < 1.1 * rel(want, exact)
+        return
+    assert rel(got, want) < SUM_ORDER_RTOL
+    assert (got == want).mean() > EXACT_FRACTION
+
+
 def test_fused_vs_torch_block(run):
     """Same op order as the torch block; only the GEMMs' f32 sum order differs (SUM_ORDER_RTOL)."""
-    out, tout = run["out"], run["tout"]
-    assert rel(out, tout) < SUM_ORDER_RTOL
-    assert (out == tout).mean() > EXACT_FRACTION
+    assert_gemm_order_close(run["out"], run["tout"], run)
 
 
 def test_unfused_on_xla_fp8_dot(run):
@@ -168,7 +190,7 @@ def test_unfused_on_xla_fp8_dot(run):
 
 def test_torch_plain_path_matches(run):
     tout, _ = run["tblock"](to_torch(run["x"]), to_torch(run["r"]), fused=False)
-    assert rel(f32(tout), run["uout"]) < SUM_ORDER_RTOL and (f32(tout) == run["uout"]).mean() > EXACT_FRACTION
+    assert_gemm_order_close(run["uout"], f32(tout), run)
 
 
 #: Block distance allowed when the torch layers run ``torch._scaled_mm`` (cuBLASLt / CUTLASS on CUDA).
