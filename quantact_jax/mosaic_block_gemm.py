@@ -46,8 +46,13 @@ Schedules (how the tensor core overlaps the promotion; :class:`MosaicBlockConfig
   rendezvous`` (issue: one sub-tile's wgmma with ``n_acc=1``, a K block's issues with
   ``n_acc=2``; finish: the promotions left), and warpgroup 1 starts one rendezvous ahead, so
   the issues alternate 0, 1, 0, 1, ... and each warpgroup promotes while the other's wgmma
-  runs. Costs two rendezvous (an arrive and a wait) per turn; across output tiles the
-  alternation goes on, so one warpgroup's epilogue waits for the other's.
+  runs. Costs two rendezvous (an arrive and a wait) per turn. The offset is per output tile
+  (warpgroup 1's extra rendezvous at the start of each tile, warpgroup 0's after its epilogue),
+  so warpgroup 1's last promotion of a tile waits for warpgroup 0's epilogue, and the next
+  tile's loads start after it (the pipeline's memory warpgroup waits for both warpgroups to
+  release a tile's last stage before loading the next tile). A per-kernel offset (extra turns
+  at kernel start and end only) deadlocks as soon as a CTA has two tiles: ``_kernel``'s
+  ``turn`` docstring has the accounting.
 
 The promotion arithmetic is the same in every schedule: per output element and K block one
 f32 FMA of the block's partial and scale into the running sum, in K order.
@@ -239,20 +244,36 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: Mosai
         wg = lax.axis_index("wg")
 
         def turn():
-            """Ping-pong: a rendezvous of the two compute warpgroups. Each warpgroup's main loop is a
-            sequence of turns ``issue; turn(); finish; turn()`` (issue: the wgmma of a sub-tile, or
-            all of a K block's with ``n_acc=2``; finish: the promotions left), and warpgroup 1 calls
-            it once more before its first turn (warpgroup 0 once more after its last), so that the
-            rendezvous pair each warpgroup's issue with the other's finish: their issues alternate
-            0, 1, 0, 1, ... and each one's promotion runs while the other's wgmma does. The extra
-            calls are made once per kernel, not per output tile: a conditional rendezvous next to
-            the main loop, with the running sums live, made ptxas spill them in the loop."""
+            """Ping-pong: a rendezvous of the two compute warpgroups on ``sched`` (an mbarrier whose
+            phase completes once every thread of both warpgroups has arrived; each thread tracks
+            its parity and waits for the phase it arrived on, so no warpgroup can get a phase
+            ahead: the k-th call of warpgroup 0 pairs with the k-th call of warpgroup 1).
+
+            Per output tile each warpgroup's main loop makes N = 2 * n_sub * k_iters calls
+            (``n_acc=1``: ``issue; turn(); promote; turn()`` per sub-tile) or 2 * k_iters
+            (``n_acc=2``); warpgroup 1 makes one more before its main loop and warpgroup 0 one more
+            after its epilogue, both in the tile (N + 1 each). Pairs: W1's extra with W0's 1st,
+            W1's i-th with W0's (i+1)-th, W1's N-th (after its last promotion) with W0's extra.
+            So W0's issue of sub-tile j runs against W1's promotion of the sub-tile before, and
+            every pair lies within one tile.
+
+            That last point is what the pipeline needs: ``emit_pipeline_warp_specialized``'s
+            memory warpgroup, before loading the next tile, waits until both compute warpgroups
+            have released every stage of this one (its quiesce), and a warpgroup releases the last
+            stage only after its last body step, turns included. With the extra calls once per
+            kernel (session 4: W1's at kernel start, W0's at kernel end), W1's N-th call of tile
+            t paired with W0's first call of tile t + 1, made after W0's first issue there, which
+            waits for tile t + 1's first stage, which the memory warpgroup loads only after W1
+            released tile t's last stage, after that call: a cycle, a hang for any CTA with two
+            or more tiles (4096^3: 3-4 tiles per CTA; the 300x768x1152 check: at most one).
+
+            W0's extra call comes after the epilogue, not right after the main loop: there the
+            running sums are live across the conditional, and ptxas (13.0, sm_90a) added ~64
+            register moves per K step to the main loop; after the epilogue the loop is as before
+            (no spills in it but the pipeline's phase bits)."""
             if cfg.pingpong:
                 plgpu.barrier_arrive(sched)
                 plgpu.barrier_wait(sched)
-
-        if cfg.pingpong:
-            pl.when(wg == 1)(turn)  # warpgroup 1's extra turn: warpgroup 0 issues first
 
         @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
         def _tiles(info):
@@ -273,6 +294,8 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: Mosai
                     for j in range(n_sub):
                         plgpu.copy_gmem_to_smem(bias_gmem.at[pl.ds(c0 + j * wn, wn)], bias_smem.at[wg, j],
                                                 bars.at[wg * nv + nblk + j])
+                if cfg.pingpong:
+                    pl.when(wg == 1)(turn)  # warpgroup 1's extra turn of this tile: warpgroup 0 issues first
                 for i in range(nblk):
                     plgpu.barrier_wait(bars.at[wg * nv + i])
 
@@ -293,6 +316,11 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: Mosai
                     t = 0
                     for j in range(n_sub):
                         t = _store_tile(outs[j], out_smem.at[wg], out_gmem, r0, c0 + j * wn, t)
+
+                if cfg.pingpong:
+                    # warpgroup 0's extra turn of this tile, paired with warpgroup 1's last one
+                    # (after its last promotion): before the next tile's pipeline (turn() docstring)
+                    pl.when(wg == 0)(turn)
 
             def body(idx, a_smem, b_smem, sa_smem, state):
                 (ki,) = idx
@@ -334,9 +362,6 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: Mosai
 
             pipeline(body, compute_context)(a_gmem.at[m_sl, :], b_gmem.at[pl.ds(ni * cta_n, cta_n), :],
                                             sa_view(mi), allocations=allocs)
-
-        if cfg.pingpong:
-            pl.when(wg == 0)(turn)  # pairs with warpgroup 1's last one
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

@@ -22,6 +22,8 @@ dominate, as in test_consumers).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import jax
@@ -131,6 +133,49 @@ def test_kernel_traces_and_lowers_for_cuda(name, m, n, k, bias, out_dtype):
     assert "mosaic_gpu" in text
 
 
+def _barrier_ops_by_loop_depth(cfg, m=1024, n=1024, k=1024):
+    """Counter of (primitive, loop nesting depth) for the barrier arrives and waits in the kernel's
+    jaxpr (depth 0: kernel level, 1: the tile loop, 2: the pipeline's K loop)."""
+    import collections
+    from jax.extend import core as jcore
+
+    def subjaxprs(eqn):
+        for v in eqn.params.values():
+            for x in (v if isinstance(v, (tuple, list)) else [v]):
+                if isinstance(x, jcore.ClosedJaxpr):
+                    yield x.jaxpr
+                elif isinstance(x, jcore.Jaxpr):
+                    yield x
+
+    def walk(jaxpr, depth, out):
+        for e in jaxpr.eqns:
+            if e.primitive.name in ("barrier_arrive", "barrier_wait"):
+                out[(e.primitive.name, depth)] += 1
+            for sub in subjaxprs(e):
+                walk(sub, depth + (e.primitive.name in ("while", "scan")), out)
+
+    f = lambda a, b, sa, sb: MB.scaled_mm_block(a, b, sa, sb, None, jnp.bfloat16, MB.fit_smem(cfg, k))
+    out = collections.Counter()
+    walk(jax.make_jaxpr(f)(*_abstract_args(m, n, k, False)).jaxpr, 0, out)
+    return out
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if CONFIGS[n].pingpong])
+def test_pingpong_rendezvous_pair_within_a_tile(name):
+    # The ping-pong rendezvous must pair up within each output tile: the pipeline's memory
+    # warpgroup loads tile t + 1 only after both compute warpgroups released tile t's last stage,
+    # so a rendezvous of tile t that pairs with one of tile t + 1 deadlocks any CTA with two
+    # tiles (session 4: the extra turns were made once per kernel, at depth 0, and Cfg(pingpong=
+    # True) hung at 4096^3 on an H100 while passing every check with at most one tile per CTA).
+    # So: no barrier arrive or wait at kernel level, and in the tile loop (outside the K loop)
+    # exactly the two warpgroup-conditional extra turns, besides the per-tile sb/bias waits.
+    ops = _barrier_ops_by_loop_depth(CONFIGS[name])
+    assert ops[("barrier_arrive", 0)] == 0 and ops[("barrier_wait", 0)] == 0, ops
+    plain = _barrier_ops_by_loop_depth(dataclasses.replace(CONFIGS[name], pingpong=False))
+    assert ops[("barrier_arrive", 1)] - plain[("barrier_arrive", 1)] == 2, (ops, plain)
+    assert ops[("barrier_wait", 1)] - plain[("barrier_wait", 1)] == 2, (ops, plain)
+
+
 def test_configs_fit_and_supports():
     for cfg in CONFIGS.values():
         assert cfg.valid() and cfg.acc_registers() <= 192
@@ -181,6 +226,18 @@ def test_block_gemm_configs(name):
     qa, wq, ws, b = _problem(m, n, k, True, seed=1)
     cfg = MB.fit_smem(CONFIGS[name], k)
     got = _run(qa, wq, ws, b, jnp.bfloat16, cfg)
+    _check(got, qa, wq, ws, b, jnp.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Mosaic block GEMM needs a Hopper GPU")
+@pytest.mark.parametrize("name", [n for n in CONFIGS if CONFIGS[n].pingpong])
+def test_pingpong_several_tiles_per_cta(name):
+    # 4096 x 2560: 320 tiles of 128x256 (640 of 64x256) over 132 SMs, 2 or more per CTA; the
+    # 300x768x1152 check above gives each CTA at most one, which hid the session-4 hang.
+    m, n, k = 4096, 2560, 512
+    qa, wq, ws, b = _problem(m, n, k, False, seed=3)
+    got = _run(qa, wq, ws, b, jnp.bfloat16, MB.fit_smem(CONFIGS[name], k))
     _check(got, qa, wq, ws, b, jnp.bfloat16)
 
 
