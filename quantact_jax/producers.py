@@ -111,8 +111,6 @@ def heuristic_config(m: int, width: int, op: str = "quant", chunked: bool = Fals
     if chunked:
         return ProducerConfig(block_m=min(mp, max(1, 2048 // bk)), num_warps=4)
     if op == "rms":
-        if m < SPLIT_ROWS:  # few rows: one per program, more programs (H100, 16x4096: 3.1 us vs 4.0 with 2)
-            return ProducerConfig(block_m=1, num_warps=min(16, max(4, bk // 256)))
         block_m = min(mp, 2 if bk >= 4096 else 8192 // bk)
         elems = block_m * bk
         return ProducerConfig(block_m=block_m, num_warps=16 if elems >= 16384 else 8 if elems >= 4096 else 4)
@@ -230,44 +228,6 @@ def _max_nan(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.where(jnp.isnan(a) | jnp.isnan(b), jnp.nan, jnp.maximum(a, b))
 
 
-SCREEN_MARGIN = 2.0 ** -10  # >> the approximate SiLU's relative error (a few f32 ulps)
-
-
-def _screened_silu_amax(nch: int, gate_up, chunk_amax, bm: int) -> jax.Array:
-    """The exact per-row amax of ``silu(g) * u`` over ``nch`` chunks, computing the exact value (correctly
-    rounded division) only in the chunks that can hold the maximum.
-
-    A first loop takes each chunk's max of ``|g / (1 + exp(-g)) * u|`` with the hardware's approximate
-    division (relative error a few ulps, far below ``SCREEN_MARGIN``). With ``A`` the largest of those, an
-    element whose exact value is the row's maximum has an approximate value >= ``A * (1 - margin)``, so
-    the exact amax is the max over the chunks reaching that threshold; they are recomputed exactly (under a
-    ``lax.cond``, usually one chunk). A row with a non-finite input or a tiny ``A`` (subnormal ranges, where
-    the relative bound does not hold) recomputes every chunk. So the amax, and every code and scale after it,
-    are the reference's bits."""
-    ncp = pl.next_power_of_2(nch)
-    jj = jnp.arange(ncp, dtype=jnp.int32)[None, :]
-
-    def screen(j, carry):
-        cm, bad = carry
-        g, u, m_ = gate_up(j)  # chunk j's gate and up halves (f32) and its mask
-        vf = jnp.abs(g / (1.0 + jnp.exp(-g)) * u)  # approximate division on the GPU
-        mx = jnp.max(jnp.where(m_, vf, 0.0), axis=1, keepdims=True)
-        nonfinite = jnp.max(jnp.where(jnp.isfinite(g) & jnp.isfinite(u) & jnp.isfinite(vf), 0, 1), axis=1,
-                            keepdims=True)
-        return jnp.where(jj == j, mx, cm), jnp.maximum(bad, nonfinite)
-
-    cm, bad = jax.lax.fori_loop(0, nch, screen, (jnp.zeros((bm, ncp), F32), jnp.zeros((bm, 1), jnp.int32)))
-    top = jnp.max(cm, axis=1, keepdims=True)
-    every = (bad > 0) | (top < 2.0 ** -100)
-    need = (cm >= top * (1.0 - SCREEN_MARGIN)) | every  # [bm, chunks]
-
-    def exact(j, acc):
-        needed = jnp.max(jnp.where((jj == j) & need, 1, 0)) > 0
-        return jax.lax.cond(needed, lambda a: chunk_amax(j, a), lambda a: a, acc)
-
-    return jax.lax.fori_loop(0, nch, exact, jnp.zeros((bm, 1), F32))
-
-
 def _scale_offsets(layout: ScaleLayout, r, g, m: int, n_groups: int):
     """Flat storage offsets and in-bounds mask of logical scale (row r, group g)."""
     if layout == ScaleLayout.ROW_MAJOR:
@@ -383,22 +343,11 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
             c_, m_ = window(j * bk)
             return elementwise(j * bk, m_, c_)
 
-        def chunk_amax(j, acc):
-            return _max_nan(acc, _amax(jnp.abs(v_at(j)), 1, keepdims=True))
-
         if spec.tensor_scale_given:
             amax = None
-        elif spec.op == "silu" and fmt == QuantFormat.FP8:
-            def gate_up(j):
-                c_, m_ = window(j * bk)
-                return load(x_ref, 0, j * bk, m_, c_).astype(F32), load(x_ref, k, j * bk, m_, c_).astype(F32), m_
-
-            amax = _screened_silu_amax(nch, gate_up, chunk_amax, bm)
-            if spec.amax_only:
-                plgpu.store(amax_ref.at[pl.ds(row0, bm)], amax[:, 0], mask=r[:, 0] < m)
-                return
         else:
-            amax = jax.lax.fori_loop(0, nch, chunk_amax, jnp.zeros((bm, 1), F32))
+            amax = jax.lax.fori_loop(0, nch, lambda j, acc: _max_nan(acc, _amax(jnp.abs(v_at(j)), 1, keepdims=True)),
+                                     jnp.zeros((bm, 1), F32))
             if spec.amax_only:
                 plgpu.store(amax_ref.at[pl.ds(row0, bm)], amax[:, 0], mask=r[:, 0] < m)
                 return
