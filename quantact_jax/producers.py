@@ -111,6 +111,8 @@ def heuristic_config(m: int, width: int, op: str = "quant", chunked: bool = Fals
     if chunked:
         return ProducerConfig(block_m=min(mp, max(1, 2048 // bk)), num_warps=4)
     if op == "rms":
+        if m < SPLIT_ROWS:  # few rows: one per program, more programs (H100, 16x4096: 3.1 us vs 4.0 with 2)
+            return ProducerConfig(block_m=1, num_warps=min(16, max(4, bk // 256)))
         block_m = min(mp, 2 if bk >= 4096 else 8192 // bk)
         elems = block_m * bk
         return ProducerConfig(block_m=block_m, num_warps=16 if elems >= 16384 else 8 if elems >= 4096 else 4)

@@ -208,7 +208,7 @@ def row_configs(k: int) -> dict[str, "P.ProducerConfig"]:
     for chunk in (512, 1024, 2048, 4096):
         if k % chunk:
             continue
-        for bm, nw in ((1, 4), (1, 8), (2, 8)):
+        for bm, nw in ((1, 4), (1, 8), (1, 16), (1, 32), (2, 8)):  # more warps: fewer rows in flight, L2 reuse
             out[f"loop{chunk}_bm{bm}_w{nw}"] = P.ProducerConfig(block_m=bm, num_warps=nw, row_chunk=chunk)
         for nw in (4, 8):
             out[f"split{chunk}_w{nw}"] = P.ProducerConfig(block_m=1, num_warps=nw, row_chunk=chunk, split=True)
