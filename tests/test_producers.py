@@ -168,6 +168,8 @@ def test_row_chunk_variants_match_reference(cfg, op, key, extra):
     with jax.default_device(CPU):
         want = (R.quantize if op == "quant" else R.silu_and_mul_quant)(jax.device_put(x, CPU), key, **extra)
     _assert_same((got, None), (want, None), silu_on_gpu=(op == "silu" and ON_GPU))
+    # on the same device (same exp) every variant gives the whole-row kernel's bits
+    _assert_same((got, None), (run(x, key, config=ROW_CONFIGS[0], **extra), None), silu_on_gpu=False)
 
 
 def test_row_chunk_must_divide_the_row():
