@@ -16,7 +16,8 @@ On a CUDA device, for small host-bound shapes (default 16 x 4096 bf16), times pe
   without JAX's dispatch and launch;
 
 plus, for ``quantize`` and ``scaled_mm``, ``phases``: one eager call split into its steps (argument checks,
-plan lookup, device/capture check, torch->JAX stream wait, DLPack import, jitted call, each export,
+plan lookup, device/capture check, torch->JAX stream step (an idle query; the event wait only when torch's
+stream is busy), DLPack import, jitted call, each export,
 dropping the JAX arrays, assembly), timed inside the call, and probes that separate PJRT's share (import
 with/without a ready stream, the jitted call on a fresh import vs on ready arrays, exports right after the
 launch vs after the result is ready, releasing the imported input while the kernel may still read it vs
@@ -200,7 +201,14 @@ def _phases(m: int, k: int, n: int, device: str, calls: int) -> dict:
     (with JAX's external-ready stream, as the op does for x, after the stream wait); ``jit_ready_us``
     (the jitted call on arrays ready long ago: the ``jax`` baseline) vs ``jit_fresh_import_us`` (on
     an x imported just before, as in the op); ``export_ready_us`` (the two exports after the result
-    is ready) vs the ``export_0`` / ``export_1`` phases (right after the launch)."""
+    is ready) vs the ``export_0`` / ``export_1`` phases (right after the launch).
+
+    ``stream_wait_torch_to_jax`` is the op's torch -> JAX stream step (``bridge._import_stream``): the
+    idle query of torch's current stream, plus the event record and wait when it has work pending
+    (in these back-to-back calls it is usually idle, so ``x`` is then imported as ready). The probes
+    ``stream_query_us`` (the query alone) and ``*_busy_stream_us`` / ``*_always_wait_us`` /
+    ``*_busy_at_return`` (:func:`_busy_stream_probes`, CUDA) time the ops with torch's stream busy
+    and with the idle skip off."""
     import jax
     import torch
 
@@ -241,7 +249,7 @@ def _phases(m: int, k: int, n: int, device: str, calls: int) -> dict:
         if cuda and (C._cuda_getDevice() != plan.cuda or C._cuda_isCurrentStreamCapturing()):
             raise RuntimeError("phases: expected the input's device current and no capture")
         t3 = pc()
-        s = bridge._wait_for_torch(ep, dev) if cuda else None
+        s = bridge._import_stream(ep, dev) if cuda else None
         t4 = pc()
         xj = api.imp(api.t2d(x), jdev, s, False, dl)
         t5 = pc()
@@ -280,7 +288,7 @@ def _phases(m: int, k: int, n: int, device: str, calls: int) -> dict:
             raise RuntimeError("phases: the weight views are not cached (unaligned CPU buffer?)")
         wj, wsj = wj[0], wsj[0]
         t4 = pc()
-        s = bridge._wait_for_torch(ep, dev) if cuda else None
+        s = bridge._import_stream(ep, dev) if cuda else None
         t5 = pc()
         dj = api.imp(api.t2d(data), jdev, s, False, dl)
         sj = api.imp(api.t2d(storage), jdev, None, False, dl)
@@ -308,6 +316,9 @@ def _phases(m: int, k: int, n: int, device: str, calls: int) -> dict:
         probes["import_with_stream_us"] = _times_us(
             lambda: api.imp(api.t2d(x), jdev, bridge._wait_for_torch(ep, dev), False, dl), calls)["median"]
         probes["stream_wait_us"] = _times_us(lambda: bridge._wait_for_torch(ep, dev), calls)["median"]
+        cur = torch.cuda.current_stream(dev)
+        probes["stream_query_us"] = _times_us(lambda: ep.query(cur), calls)["median"] if ep.query else None
+        probes.update(_busy_stream_probes(x, qa, wt, ws, tok, calls))
         probes["current_stream_ptr_us"] = _times_us(lambda: bridge._current_stream_ptr(ep), calls)["median"]
         probes["torch_cuda_current_stream_us"] = _times_us(lambda: torch.cuda.current_stream(dev), calls)["median"]
     probes["jit_ready_us"] = _times_us(lambda: plan.fn(xr, None, None, None, None, None), calls)["median"]
@@ -349,6 +360,45 @@ def _phases(m: int, k: int, n: int, device: str, calls: int) -> dict:
     probes["release_import_after_launch_us"] = _phase_table(release(False), calls)["release"]
     probes["release_import_after_sync_us"] = _phase_table(release(True), calls)["release"]
     out["probes"] = probes
+    return out
+
+
+def _busy_stream_probes(x, qa, wt, ws, tok, calls: int) -> dict:
+    """The torch ops on CUDA with torch's current stream busy at each call (a ``torch.cuda._sleep``
+    spin queued just before, outside the timing: the op must make JAX wait for it) and, on an idle
+    stream, with the idle-stream skip turned off (every call records and waits for an event, as
+    before the skip): ``*_busy_stream_us`` / ``*_always_wait_us`` against ``torch_op_us`` (idle
+    stream: no events). ``busy_at_return`` is the fraction of busy calls whose spin was still running
+    when the op returned (so the op did see a busy stream)."""
+    import torch
+
+    from interop import bridge
+    from quantact_torch import ops
+
+    pc = time.perf_counter
+    ops_ = {"quantize": lambda: ops.quantize(x, tok),
+            "scaled_mm": lambda: ops.scaled_mm(qa, wt, ws, input_quant_key=tok)}
+    out: dict = {}
+    for name, op in ops_.items():
+        busy = []
+
+        def once(op=op, busy=busy, name=name):
+            torch.cuda._sleep(200_000)  # ~0.1 ms of spin, shorter than one host iteration: no backlog
+            t0 = pc()
+            op()
+            t1 = pc()
+            busy.append(not torch.cuda.current_stream().query())
+            return (name,), (t0, t1)
+
+        out[f"{name}_busy_stream_us"] = _phase_table(once, calls)[name]
+        out[f"{name}_busy_at_return"] = sum(busy) / max(len(busy), 1)
+        torch.cuda.synchronize()
+        prev = bridge._lean_state["idle_skip"]
+        bridge._lean_state["idle_skip"] = False
+        try:
+            out[f"{name}_always_wait_us"] = _times_us(op, calls)["median"]
+        finally:
+            bridge._lean_state["idle_skip"] = prev
     return out
 
 

@@ -281,12 +281,14 @@ def _qa_to_torch(qa: Any, copy: bool | None, validate: bool):
 # jaxlib's ``dlpack_managed_tensor_to_buffer``, followed by a ``jnp.asarray`` that only matters for
 # 64-bit dtypes (which the bridge refuses). The lean path calls jaxlib's import directly on
 # ``torch.utils.dlpack.to_dlpack(t)``, and on CUDA synchronises torch's current stream with JAX's
-# external-ready stream once per call instead of once per tensor. The jaxlib entry points are private:
+# external-ready stream once per call instead of once per tensor (not at all when torch's current
+# stream has no unfinished work: then the tensors are imported as ready). The jaxlib entry points are private:
 # they are resolved once and verified on a probe tensor per device (zero-copy, shape, dtype, device,
 # contents); if anything differs the bridge uses the public path (``to_jax`` / ``to_torch``).
 
 _LEAN_ENV = "QUANTACT_LEAN_DLPACK"  # "0" forces the public path (tests, and an escape hatch)
-_lean_state: dict[str, Any] = {"enabled": os.environ.get(_LEAN_ENV, "1") != "0", "api": None, "reason": None}
+_lean_state: dict[str, Any] = {"enabled": os.environ.get(_LEAN_ENV, "1") != "0", "api": None, "reason": None,
+                               "idle_skip": os.environ.get("QUANTACT_IDLE_STREAM_SKIP", "1") != "0"}
 _endpoints: dict[Any, Any] = {}     # torch.device -> _Endpoint, or None where the lean path is unusable
 _ext_streams: dict[int, Any] = {}   # JAX external-ready stream pointer -> torch.cuda.ExternalStream
 _cuda_events: dict[tuple[int, int], Any] = {}  # (CUDA device index, thread id) -> the event of its waits
@@ -304,6 +306,7 @@ class _Endpoint(NamedTuple):
     current_raw_stream: Any = None  # torch._C._cuda_getCurrentRawStream: index -> cudaStream_t
     record: Any = None              # torch._C._CudaEventBase.record(event, stream)
     wait: Any = None                # torch._C._CudaEventBase.wait(event, stream)
+    query: Any = None               # torch._C._CudaStreamBase.query(stream) (cudaStreamQuery); None: never asked
 
 
 def _cuda_endpoint(jax_device: Any, dl_type: int, index: int) -> _Endpoint:
@@ -313,7 +316,7 @@ def _cuda_endpoint(jax_device: Any, dl_type: int, index: int) -> _Endpoint:
 
     c = torch._C
     return _Endpoint(jax_device, dl_type, True, index, c._cuda_getCurrentStream, c._cuda_getCurrentRawStream,
-                     c._CudaEventBase.record, c._CudaEventBase.wait)
+                     c._CudaEventBase.record, c._CudaEventBase.wait, getattr(c._CudaStreamBase, "query", None))
 
 
 class _LeanAPI(NamedTuple):
@@ -358,7 +361,7 @@ def set_lean_dlpack(enabled: bool) -> bool:
 def lean_dlpack_status() -> dict[str, Any]:
     """Whether the lean path is on and, per torch device seen so far, whether its probe passed
     (``None`` = not probed yet); ``reason`` says why the lean path is off, if it is."""
-    return {"enabled": _lean_state["enabled"], "reason": _lean_state["reason"],
+    return {"enabled": _lean_state["enabled"], "reason": _lean_state["reason"], "idle_skip": _lean_state["idle_skip"],
             "devices": {str(d): ep is not None for d, ep in _endpoints.items()}}
 
 
@@ -389,7 +392,7 @@ def _torch_current_stream(ep: _Endpoint) -> Any:
     return st
 
 
-def _wait_for_torch(ep: _Endpoint, device: Any) -> int:
+def _wait_for_torch(ep: _Endpoint, device: Any, current: Any = None) -> int:
     """Make JAX's external-ready stream wait for torch's current stream of ``device`` (what torch's
     ``__dlpack__(stream=s)`` does: record an event on the current stream, make ``s`` wait for it);
     returns that JAX stream, to be given to the import whose buffer carries the wait.
@@ -397,7 +400,8 @@ def _wait_for_torch(ep: _Endpoint, device: Any) -> int:
     The event is reused, one per (device, thread), recorded and waited on back to back: a stream
     wait captures the event's latest record at the time of the call, so recording it again later
     does not change waits already queued. This skips creating and destroying a CUDA event per call
-    and the Python layers of ``Stream.wait_stream`` / ``torch.cuda.current_stream``."""
+    and the Python layers of ``Stream.wait_stream`` / ``torch.cuda.current_stream``. ``current``:
+    torch's current stream of the device, where the caller has it already."""
     s = ep.jax_device.get_stream_for_external_ready_events()  # JAX may rotate through several
     ext = _ext_streams.get(s)
     if ext is None:
@@ -410,9 +414,23 @@ def _wait_for_torch(ep: _Endpoint, device: Any) -> int:
         import torch
 
         ev = _cuda_events[ev_key] = torch.cuda.Event()
-    ep.record(ev, _torch_current_stream(ep))
+    ep.record(ev, _torch_current_stream(ep) if current is None else current)
     ep.wait(ev, ext)
     return s
+
+
+def _import_stream(ep: _Endpoint, device: Any) -> int | None:
+    """The ready stream for the lean imports of one call: ``_wait_for_torch``'s, or ``None`` (import as
+    ready) when torch's current stream of the device has finished everything queued on it so far
+    (``cudaStreamQuery``): then there is nothing to order after, and the imports skip the event record
+    and wait on torch's side and the ready event PJRT records on its external-ready stream (which the
+    executable then waits for). Work this thread queues later comes after the call anyway; work other
+    streams do is not ordered either way (torch's ``record_stream`` rule). ``_lean_state["idle_skip"]``
+    (``QUANTACT_IDLE_STREAM_SKIP=0``) turns the query off: every call waits."""
+    current = _torch_current_stream(ep)
+    if ep.query is not None and _lean_state["idle_skip"] and ep.query(current):
+        return None
+    return _wait_for_torch(ep, device, current)
 
 
 def _probe(device: Any) -> _Endpoint | None:
@@ -439,6 +457,11 @@ def _probe(device: Any) -> _Endpoint | None:
             if _torch_current_stream(ep) != cur or _current_stream_ptr(ep) != _cuda_stream_ptr(cur):
                 _lean_state["reason"] = f"torch's current-stream C calls on {device} disagree with torch.cuda.current_stream"
                 return None
+            try:  # the idle-stream query must answer a bool (else: always wait)
+                if ep.query is not None and not isinstance(ep.query(cur), bool):
+                    ep = ep._replace(query=None)
+            except Exception:  # noqa: BLE001
+                ep = ep._replace(query=None)
         else:
             ep = _Endpoint(jdev, dl_type, False)
         stream = _wait_for_torch(ep, device) if ep.cuda else None
@@ -495,6 +518,9 @@ def tensors_to_jax(tensors: Sequence[Any], *, copy: bool | None = None, joint: b
     Streams (CUDA): JAX's external-ready stream is made to wait for torch's current stream of the
     tensors' device *once*, and the first tensor's import records its ready event on that stream,
     after the wait. ``joint=False`` records it for every tensor (each array is ordered on its own).
+    Where torch's current stream has already finished all its queued work (``cudaStreamQuery``, one
+    C call) there is nothing to wait for: every tensor is imported as ready, with no event on either
+    side (``_import_stream``; ``QUANTACT_IDLE_STREAM_SKIP=0`` always waits).
     ``joint=True`` records it for the first only and imports the others as ready: correct when
     the arrays are used *together* in one JAX computation, because an execution waits for every
     input's ready event, and the first one's already orders all torch work queued before this call
@@ -529,7 +555,7 @@ def tensors_to_jax(tensors: Sequence[Any], *, copy: bool | None = None, joint: b
 def _lean_import(ep: _Endpoint, device: Any, tensors: tuple, first: int, joint: bool, copy: bool | None) -> tuple:
     imp, _, t2d, _ = _lean_state["api"]
     jdev, dl_type = ep.jax_device, ep.dl_type
-    stream = _wait_for_torch(ep, device) if ep.cuda else None
+    stream = _import_stream(ep, device) if ep.cuda else None
     out = []
     for i, t in enumerate(tensors):
         if t is None:

@@ -40,7 +40,9 @@ Streams (CUDA)
     per call, JAX's external-ready stream is made to wait for an event recorded on torch's current
     stream (what ``torch.Tensor.__dlpack__(stream=...)`` does), and ``x`` is imported with that stream
     as its ready point; the executable waits for ``x`` like for all its inputs, so work queued before
-    the call is visible to the kernel (see ``interop.bridge.tensors_to_jax(joint=True)``). Each
+    the call is visible to the kernel (see ``interop.bridge.tensors_to_jax(joint=True)``). When
+    torch's current stream has already finished all its work (``cudaStreamQuery``, e.g. a host-bound
+    loop) there is nothing to order after, and the inputs are imported as ready, with no events. Each
     output is exported with torch's current stream, and JAX makes that stream wait for the kernel's
     completion event (so work queued after the call sees the result). Because the current stream
     waits for the kernel before the call returns, freeing or overwriting an input afterwards (on that

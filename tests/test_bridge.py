@@ -753,3 +753,52 @@ def test_lean_cuda_stream_work_with_mocked_torch_cuda(monkeypatch):
     assert bridge._current_stream_ptr(ep) == 1  # legacy default stream
     current["raw"] = 0xABC0
     assert bridge._current_stream_ptr(ep) == 0xABC0
+
+
+def test_lean_import_skips_the_stream_wait_only_when_torch_is_idle(monkeypatch):
+    """The per-call import stream, with torch's CUDA entry points mocked (runs on CPU): with work
+    pending on torch's current stream (cudaStreamQuery false) JAX's stream waits for it and the first
+    tensor carries the ready event (``joint=True``; every tensor with ``joint=False``); once the
+    stream has finished everything, the tensors are imported as ready and no event is recorded or
+    waited for. ``idle_skip`` off, or an endpoint without the query, always waits."""
+    calls, busy, imports = [], {"v": True}, []
+
+    class JaxDevice:
+        def get_stream_for_external_ready_events(self):
+            return 1234
+
+    class Event:
+        pass
+
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda s, device=None: ("jax stream", s))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda stream_id, device_index, device_type: ("torch stream", stream_id))
+    for name in ("_ext_streams", "_cuda_events", "_torch_streams"):
+        monkeypatch.setattr(bridge, name, {})
+
+    def query(st):
+        calls.append(("query", st))
+        return not busy["v"]
+
+    ep = bridge._Endpoint(JaxDevice(), 2, True, 0, lambda i: (7, 0, 1), lambda i: 0,
+                          lambda ev, st: calls.append(("record", st)), lambda ev, st: calls.append(("wait", st)), query)
+    monkeypatch.setitem(bridge._lean_state, "api", (
+        lambda cap, dev, stream, copy, dl: imports.append(stream) or ("array", stream), None, lambda t: t, None))
+    monkeypatch.setitem(bridge._lean_state, "idle_skip", True)
+    ts = (torch.zeros(4), None, torch.zeros(2))
+
+    def run(endpoint=ep, joint=True):
+        calls.clear()
+        imports.clear()
+        bridge._lean_import(endpoint, "cuda:0", ts, 0, joint, False)
+        return [c[0] for c in calls], list(imports)
+
+    assert run() == (["query", "record", "wait"], [1234, None])
+    assert calls[0][1] == calls[1][1] == ("torch stream", 7) and calls[2][1] == ("jax stream", 1234)
+    assert run(joint=False) == (["query", "record", "wait"], [1234, 1234])
+    busy["v"] = False
+    assert run() == (["query"], [None, None])
+    assert run(joint=False) == (["query"], [None, None])
+    assert run(ep._replace(query=None)) == (["record", "wait"], [1234, None])
+    monkeypatch.setitem(bridge._lean_state, "idle_skip", False)
+    assert run() == (["record", "wait"], [1234, None])
