@@ -162,15 +162,18 @@ class MosaicBlockConfig:
 def heuristic_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16) -> MosaicBlockConfig:
     """128x256 CTA tiles (each compute warpgroup 64 rows x two 128-column sub-tiles: 192
     accumulator registers), 4 stages (194 KiB of operands), so one epilogue buffer per
-    warpgroup; f32 outputs use 32-wide epilogue tiles (128-byte swizzled rows). Small M (<= 64):
-    one 64-row tile, 64 x 256 CTA tiles (warpgroups side by side along N) with a deeper
-    pipeline. Untuned: bench/mosaic_block_gpu.py sweeps the alternatives."""
+    warpgroup; f32 outputs use 32-wide epilogue tiles (128-byte swizzled rows); the two compute
+    warpgroups take turns at the tensor core (``pingpong``): H100, 1019 / 1001 / 1075 TFLOP/s at
+    4096^3, 4096x28672x4096, 4096x4096x14336 against 895 / 835 / 971 without (session 4,
+    bench/mosaic_block_gpu.py --quick; two accumulators without ping-pong: 951 / 1024 / 1031).
+    Small M (<= 64): one 64-row tile, 64 x 256 CTA tiles (warpgroups side by side along N) with a
+    deeper pipeline (untuned)."""
     size = jnp.dtype(out_dtype).itemsize
     en = min(128 // size, 64)
     if m <= 64:
         cfg = MosaicBlockConfig(wg_m=64, wg_n=128, n_sub=1, wg_dim="n", stages=6, epi_tile_n=en)
     else:
-        cfg = MosaicBlockConfig(epi_tile_n=en)
+        cfg = MosaicBlockConfig(epi_tile_n=en, pingpong=True)
     return fit_smem(cfg, k, size)
 
 

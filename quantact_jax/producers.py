@@ -97,7 +97,7 @@ def heuristic_config(m: int, width: int, op: str = "quant", chunked: bool = Fals
     whole-row RMSNorm is fastest with 2 rows per program (8 warps at K=4096, 16 at 8192);
     whole-row quantization with one row and K/512 warps; K chunks with one row, 4 warps.
     ``per_row`` (per-token / per-tensor dynamic scales of quant and SiLU): rows wider than 8192
-    loop over 2048-wide chunks (H100, SiLU 4096 x 14336: 197 us vs 317 whole-row, which spills);
+    loop over 2048-wide chunks, 16 warps (H100, SiLU 4096 x 14336: 189 us vs 317 whole-row, which spills);
     fewer than 128 rows wider than 4096 split the row over programs in 1024-wide chunks (SiLU
     16 x 14336: 3.6 us vs 10.2); rows up to 4096 (8192 when many) stay whole (fastest there).
     """
@@ -107,7 +107,7 @@ def heuristic_config(m: int, width: int, op: str = "quant", chunked: bool = Fals
         few = m < SPLIT_ROWS
         chunk = _pow2_divisor(width, 1024 if few else 2048, 256)
         if chunk and (few or bk > 8192):
-            return ProducerConfig(block_m=1, num_warps=8 if few else 4, row_chunk=chunk, split=few)
+            return ProducerConfig(block_m=1, num_warps=8 if few else 16, row_chunk=chunk, split=few)
     if chunked:
         return ProducerConfig(block_m=min(mp, max(1, 2048 // bk)), num_warps=4)
     if op == "rms":
