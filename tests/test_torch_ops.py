@@ -377,6 +377,30 @@ def test_plans_follow_the_metadata_of_the_same_tensor(monkeypatch):
         qa.validate()
 
 
+def test_known_plans_skip_the_wrapper_steps_and_nothing_else(monkeypatch, bad):
+    """A plain eager producer call whose key object and argument metadata already have a plan goes
+    straight to it (``_known_plan``); anything else (another key object, scales, a layer) takes the
+    full path, whose checks and errors stay (the BAD_CALLS after good calls test the errors)."""
+    import copy
+
+    monkeypatch.setattr(ops, "DIRECT_EAGER", True)
+    want = ops.quantize(bad.x, TOK)
+    want_rms = ops.rms_norm_quant(bad.x, bad.w, TOK, residual=bad.res)
+    full = []
+    resolve = ops._resolve
+    monkeypatch.setattr(ops, "_resolve", lambda *a: full.append(a[0]) or resolve(*a))
+    got = ops.quantize(bad.x, TOK)
+    got_rms = ops.rms_norm_quant(bad.x, bad.w, TOK, residual=bad.res)
+    assert full == []
+    for a, b in ((got.data, want.data), (got.scale, want.scale), (got_rms[0].data, want_rms[0].data),
+                 (got_rms[1], want_rms[1])):
+        np.testing.assert_array_equal(raw(a), raw(b))
+    ops.rms_norm_quant(bad.x, bad.w, TOK, residual=bad.res, eps=1e-5)  # another eps: another plan
+    ops.quantize(bad.x, copy.deepcopy(TOK))  # an equal key, another object
+    ops.quantize(bad.x, TOK, scale_ub=torch.tensor([10.0]))
+    assert len(full) == 3
+
+
 def test_plan_cache_is_bounded(monkeypatch):
     monkeypatch.setattr(ops, "PLAN_CACHE_SIZE", 3)
     ops.clear_plan_cache()
