@@ -2,8 +2,12 @@
 
 One Triton-lowered kernel family (``pl.pallas_call`` with explicit
 ``plgpu.CompilerParams``) covers every key: each program owns ``block_m`` rows
-and holds the whole row (padded to a power of two) in registers, so the input
-is read once and codes + scales are written once. The arithmetic is the jnp
+and holds a row tile in registers: the whole row (padded to a power of two), or,
+for group-local scales, a column chunk of it, so the input is read once and
+codes + scales are written once. Per-row scales (per-token / per-tensor dynamic)
+of wide rows go over column chunks instead (``ProducerConfig.row_chunk``): a
+loop in one program (amax, then codes; the second read mostly from L2) or, for
+few rows, a program per chunk and a partial-amax pass. The arithmetic is the jnp
 reference's (``quantact_jax.reference``), element by element:
 
 - the elementwise pieces (``sat_fp8``, ``e2m1_encode``, ``pow2_ceil``, e8m0
@@ -21,8 +25,8 @@ bit only where the exp implementation is the same (interpret mode vs the jnp
 reference); see the tests for the bound used elsewhere.
 
 Per-tensor *dynamic* scales need a global amax: a first pass writes one amax
-per row, XLA takes their max, and a second pass forms the scale (exact division,
-in-kernel) and quantizes with it.
+per row (or per row chunk), XLA takes their max, and a second pass forms the
+scale (exact division, in-kernel) and quantizes with it.
 """
 
 from __future__ import annotations
