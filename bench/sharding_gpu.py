@@ -33,14 +33,8 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-for _var, _val in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
-    os.environ.setdefault(_var, _val)  # NVLink multicast off (read when NCCL starts)
-if "--cpu" in sys.argv[1:]:  # before JAX starts: the CPU platform with 2 devices unless told otherwise
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
-                                            "--xla_force_host_platform_device_count=2"]).strip()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _mgpu_env  # noqa: E402,F401  (before JAX starts: NCCL multicast off, --cpu devices)
 
 import argparse
 import json
