@@ -714,6 +714,28 @@ def test_lean_path_falls_back_when_the_private_api_breaks(monkeypatch):
     assert bridge.lean_dlpack_status()["devices"]["cpu"] is True
 
 
+class _MockJaxDevice:
+    """A JAX device whose external-ready stream is 1234."""
+
+    def get_stream_for_external_ready_events(self):
+        return 1234
+
+
+def _mock_torch_cuda(monkeypatch) -> type:
+    """torch's CUDA stream/event constructors replaced by tagged tuples and the bridge's per-device caches
+    emptied, so the lean CUDA path's stream logic runs on a CPU host; returns the mock JAX device class."""
+
+    class Event:
+        pass
+
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda s, device=None: ("jax stream", s))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda stream_id, device_index, device_type: ("torch stream", stream_id))
+    for name in ("_ext_streams", "_cuda_events", "_torch_streams"):
+        monkeypatch.setattr(bridge, name, {})
+    return _MockJaxDevice
+
+
 def test_lean_cuda_stream_work_with_mocked_torch_cuda(monkeypatch):
     """The CUDA lean path's per-call stream work, with torch's CUDA entry points mocked (runs on CPU):
     each torch -> JAX wait records one reused event (one per device and thread) on torch's *current*
@@ -724,18 +746,7 @@ def test_lean_cuda_stream_work_with_mocked_torch_cuda(monkeypatch):
     calls = []
     current = {"ids": (7, 0, 1), "raw": 0}
 
-    class JaxDevice:
-        def get_stream_for_external_ready_events(self):
-            return 1234
-
-    class Event:
-        pass
-
-    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda s, device=None: ("jax stream", s))
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda stream_id, device_index, device_type: ("torch stream", stream_id))
-    for name in ("_ext_streams", "_cuda_events", "_torch_streams"):
-        monkeypatch.setattr(bridge, name, {})
+    JaxDevice = _mock_torch_cuda(monkeypatch)
     ep = bridge._Endpoint(JaxDevice(), 2, True, 0, lambda i: current["ids"], lambda i: current["raw"],
                           lambda ev, st: calls.append(("record", ev, st)), lambda ev, st: calls.append(("wait", ev, st)))
     assert bridge._wait_for_torch(ep, "cuda:0") == 1234
@@ -763,18 +774,7 @@ def test_lean_import_skips_the_stream_wait_only_when_torch_is_idle(monkeypatch):
     waited for. ``idle_skip`` off, or an endpoint without the query, always waits."""
     calls, busy, imports = [], {"v": True}, []
 
-    class JaxDevice:
-        def get_stream_for_external_ready_events(self):
-            return 1234
-
-    class Event:
-        pass
-
-    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda s, device=None: ("jax stream", s))
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda stream_id, device_index, device_type: ("torch stream", stream_id))
-    for name in ("_ext_streams", "_cuda_events", "_torch_streams"):
-        monkeypatch.setattr(bridge, name, {})
+    JaxDevice = _mock_torch_cuda(monkeypatch)
 
     def query(st):
         calls.append(("query", st))
