@@ -320,6 +320,17 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
         qmax = ref.INT8_MAX if fmt == QuantFormat.INT8 else ref.FP8_MAX
         sat = functools.partial(_sat_int8, mth=mth) if fmt == QuantFormat.INT8 else ref.sat_fp8
 
+        def dynamic_scale(amax):  # vLLM's dynamic fp8/int8 scale of an amax (per row or per group)
+            nan = jnp.isnan(amax)  # before the upper bound: Triton's min drops NaN, the policy keeps it
+            if fmt == QuantFormat.INT8 or (spec.op == "quant" and desc.group_shape.is_per_group()):
+                s_ = mth.div(jnp.maximum(amax, ref.GROUP_EPS), qmax)
+            else:
+                if spec.has_ub:
+                    amax = jnp.minimum(amax, plgpu.load(ub_ref.at[pl.ds(0, 1)]).reshape(1, 1))
+                s_ = jnp.maximum(mth.div(amax, qmax), ref.FP8_MIN_SCALE)
+            s_ = jnp.where(nan, jnp.nan, s_)
+            return ref.pow2_ceil(s_) if desc.ue8m0 else s_
+
         def row_scale(amax):  # per-row scales: dynamic per-token, or per-tensor pass 2 (amax unused)
             if spec.tensor_scale_given:  # s_in holds the global amax
                 amax_t = plgpu.load(s_in_ref.at[pl.ds(0, 1)]).reshape(1, 1)
@@ -330,15 +341,7 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
                 pm = rmask & (j < nch)
                 amax = _amax(plgpu.load(s_in_ref.at[_oob(r * nch + j, pm, m * nch)], mask=pm, other=0.0), 1,
                              keepdims=True)
-            nan = jnp.isnan(amax)  # before the upper bound: Triton's min drops NaN, the policy keeps it
-            if fmt == QuantFormat.INT8:
-                s_ = mth.div(jnp.maximum(amax, ref.GROUP_EPS), qmax)
-            else:
-                if spec.has_ub:
-                    amax = jnp.minimum(amax, plgpu.load(ub_ref.at[pl.ds(0, 1)]).reshape(1, 1))
-                s_ = jnp.maximum(mth.div(amax, qmax), ref.FP8_MIN_SCALE)
-            s_ = jnp.where(nan, jnp.nan, s_)
-            return ref.pow2_ceil(s_) if desc.ue8m0 else s_
+            return dynamic_scale(amax)
 
         def row_codes(v_, s_):  # vLLM: static-style per-tensor fp8 multiplies by 1/s, dynamic divides
             if fmt == QuantFormat.FP8 and spec.tensor_scale_given:
@@ -438,19 +441,7 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
             # dynamic per-token-group
             gsize = gs_.col
             ng = bk // gsize
-            amax = _amax(a.reshape(bm, ng, gsize), 2)
-            nan = jnp.isnan(amax)  # before the upper bound: Triton's min drops NaN, the policy keeps it
-            if fmt == QuantFormat.INT8:
-                s = mth.div(jnp.maximum(amax, ref.GROUP_EPS), qmax)
-            elif spec.op != "quant":
-                if spec.has_ub:
-                    amax = jnp.minimum(amax, plgpu.load(ub_ref.at[pl.ds(0, 1)]).reshape(1, 1))
-                s = jnp.maximum(mth.div(amax, qmax), ref.FP8_MIN_SCALE)
-            else:
-                s = mth.div(jnp.maximum(amax, ref.GROUP_EPS), qmax)
-            s = jnp.where(nan, jnp.nan, s)
-            if desc.ue8m0:
-                s = ref.pow2_ceil(s)
+            s = dynamic_scale(_amax(a.reshape(bm, ng, gsize), 2))
             s_full = jnp.broadcast_to(s[:, :, None], (bm, ng, gsize)).reshape(bm, bk)
             store_data(sat(mth.div(v, s_full)))
             n_groups = k // gsize

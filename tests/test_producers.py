@@ -173,6 +173,23 @@ def test_row_chunk_variants_match_reference(cfg, op, key, extra):
     _assert_same((got, None), (run(x, key, config=ROW_CONFIGS[0], **extra), None), silu_on_gpu=False)
 
 
+@pytest.mark.parametrize("op", ["quant", "silu"])
+@pytest.mark.parametrize("key", [kFp8Dynamic128Sym, kFp8DynamicTokenSym], ids=str)
+def test_zero_and_tiny_groups_take_the_keys_scale_floor(op, key):
+    """All-zero and tiny groups / rows hit the scale floor, which differs by op and key (vLLM: plain
+    per-group quant floors the amax at GROUP_EPS, SiLU and per-token floor the scale at FP8_MIN_SCALE)."""
+    x2 = np.random.default_rng(13).standard_normal((3, 2 * 384)).astype(np.float32)
+    x2[0] = 0.0
+    x2[1, :128] = 1e-30
+    x2[1, 384:512] = 1e-30
+    x = jnp.asarray(x2 if op == "silu" else x2[:, :384], jnp.float32)
+    run = P.quantize if op == "quant" else P.silu_and_mul_quant
+    got = run(x, key, _poison=True)
+    with jax.default_device(CPU):
+        want = (R.quantize if op == "quant" else R.silu_and_mul_quant)(jax.device_put(x, CPU), key)
+    _assert_same((got, None), (want, None), silu_on_gpu=(op == "silu" and ON_GPU))
+
+
 def test_row_chunk_must_divide_the_row():
     with pytest.raises(QuantLayoutError, match="does not divide"):
         P.quantize(jnp.ones((2, 640), jnp.bfloat16), kFp8DynamicTokenSym, config=P.ProducerConfig(row_chunk=256))
