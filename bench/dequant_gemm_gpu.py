@@ -7,7 +7,7 @@ format: the kernel with the heuristic config and with every candidate of ``--swe
 few tiles), ``reference.scaled_mm`` under jit (dequantise in f32, f32 matmul at HIGHEST: the
 specification, not a speed target), and ``xla-bf16`` (dequantise to bf16 in XLA, then a bf16 dot
 with f32 accumulation: what ``jax.nn.scaled_matmul`` does on Hopper; the fair peer). Times are
-device times from the CUPTI profiler (bench/kernel_times.py: the lent H100's ~50 us of host
+device times from the CUPTI profiler (quantact_jax.bench.producers.device_us: the lent H100's ~50 us of host
 dispatch per JAX call drops out) when torch sees CUDA, else the median wall time of jitted calls.
 Each kernel output is checked against the reference (relative L2 < 1e-3 and the elementwise bound
 of tests/test_dequant_gemm.py) before it is timed.
@@ -73,7 +73,7 @@ def timer():
         import torch
 
         if torch.cuda.is_available():
-            from bench.kernel_times import device_us
+            from quantact_jax.bench.producers import device_us
             return device_us, "device (CUPTI)"
     except ImportError:
         pass

@@ -39,8 +39,9 @@ Times (per call; GPU):
   dispatch of a multi-device program is included (at M=16 it can dominate).
 - ``latency_us``: median of calls each followed by ``block_until_ready`` (dispatch + device + sync).
 - device time: summed kernel durations per GPU from torch's CUPTI profiler (process-wide: XLA's,
-  Mosaic's, Triton's and NCCL's kernels; launch gaps excluded), as ``kernel_times`` in the block bench
-  but split by GPU. For TP: ``device_us`` = the busiest GPU's sum (its all-reduce kernel included: the
+  Mosaic's, Triton's and NCCL's kernels; launch gaps excluded):
+  ``quantact_jax.bench.producers.kernel_times_by_device``. For TP: ``device_us`` = the busiest GPU's
+  sum (its all-reduce kernel included: the
   transfer plus any wait for the peer), ``device_us_total`` = the sum over GPUs (the GPU time paid),
   ``collective_us`` = the all-reduce kernels' share per GPU.
 - ``speedup`` = single / tp and ``efficiency`` = single / (tp * n), on wall and on device time.
@@ -63,7 +64,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _mgpu_env  # noqa: E402,F401  (before JAX starts: NCCL multicast off, --cpu devices)
 
 import argparse
-import collections
 import dataclasses
 import datetime
 import json
@@ -90,7 +90,7 @@ from interop import keys as K
 from quantact_jax import producers as PR
 from quantact_jax import reference as R
 from quantact_jax import tp as T
-from quantact_jax.bench.producers import time_jax
+from quantact_jax.bench.producers import kernel_times_by_device, time_jax
 from quantact_jax.mlp import make_block, mlp
 
 GPU_SHAPE, GPU_MS = (4096, 14336), (16, 4096)  # (hidden, intermediate), token counts
@@ -101,29 +101,6 @@ COLLECTIVE = re.compile(r"nccl|all.?reduce|collective", re.I)
 
 
 # ---------------------------------------------------------------- measurement
-def kernel_times_by_device(fn: Callable[..., Any], args: tuple, iters: int = 20) -> dict[int, dict[str, float]]:
-    """Mean device time per call (us) of each kernel ``fn(*args)`` launches, per GPU index
-    (``quantact_jax.bench.producers.kernel_times`` split by the device a kernel ran on)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    def sync(out):
-        torch.cuda.synchronize()
-        jax.block_until_ready(out)
-
-    for _ in range(3):
-        sync(fn(*args))
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            out = fn(*args)
-        sync(out)
-    tot: dict[int, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
-    for ev in prof.events():
-        if ev.device_type.name == "CUDA":
-            tot[int(getattr(ev, "device_index", 0))][ev.name[:80]] += getattr(ev, "device_time_total", 0.0)
-    return {d: {k: v / iters for k, v in ks.items()} for d, ks in sorted(tot.items())}
-
-
 def latency_s(fn: Callable[..., Any], args: tuple, n: int) -> float:
     """Median time of one call followed by ``block_until_ready`` (after 3 warm-up calls)."""
     for _ in range(3):

@@ -94,8 +94,8 @@ def time_torch(fn, args, iters=50, reps=5) -> float:
 # measure the host there. Inside a jitted model step that dispatch is paid once per step.
 
 
-def kernel_times(fn: Callable[..., Any], args: tuple = (), iters: int = 20) -> dict[str, float]:
-    """Mean device time per call (us) of each kernel ``fn(*args)`` launches (JAX or torch)."""
+def kernel_times_by_device(fn: Callable[..., Any], args: tuple = (), iters: int = 20) -> dict[int, dict[str, float]]:
+    """Mean device time per call (us) of each kernel ``fn(*args)`` launches (JAX or torch), per GPU index."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -109,11 +109,20 @@ def kernel_times(fn: Callable[..., Any], args: tuple = (), iters: int = 20) -> d
         for _ in range(iters):
             out = fn(*args)
         sync(out)
-    tot: dict[str, float] = collections.defaultdict(float)
+    tot: dict[int, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
     for ev in prof.events():
         if ev.device_type.name == "CUDA":
-            tot[ev.name[:60]] += getattr(ev, "device_time_total", 0.0)
-    return {k: v / iters for k, v in tot.items()}
+            tot[int(getattr(ev, "device_index", 0))][ev.name[:60]] += getattr(ev, "device_time_total", 0.0)
+    return {d: {k: v / iters for k, v in ks.items()} for d, ks in sorted(tot.items())}
+
+
+def kernel_times(fn: Callable[..., Any], args: tuple = (), iters: int = 20) -> dict[str, float]:
+    """Mean device time per call (us) of each kernel ``fn(*args)`` launches, summed over GPUs."""
+    tot: dict[str, float] = collections.defaultdict(float)
+    for ks in kernel_times_by_device(fn, args, iters).values():
+        for k, v in ks.items():
+            tot[k] += v
+    return dict(tot)
 
 
 def device_us(fn: Callable[..., Any], args: tuple = (), iters: int = 20) -> float:
