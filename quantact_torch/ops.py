@@ -724,6 +724,37 @@ def _known_plan(op: str, key: Any, x: Tensor, weight: Tensor | None, residual: T
                        None if residual is None else m(residual), None, None, None))
 
 
+def _wrap_producer(op: str, x: Tensor, weight: Tensor | None, residual: Tensor | None, key: QuantKey | None,
+                   layer: Any, scale: Any, global_scale: Any, scale_ub: Any, eps: Any
+                   ) -> tuple[QuantizedActivation, Any]:
+    """The three producer wrappers' one body: ``(activation, kernel outputs)``. A call with no layer and
+    no scales whose metadata a plan already checked goes straight to it (``_known_plan``); otherwise the
+    key and scales are resolved and checked, and the call runs through its plan when no dispatcher mode
+    needs the custom op (``_direct``), else through ``torch.ops.quantact.*``."""
+    if (layer is None and scale is None and global_scale is None and scale_ub is None and type(eps) is float
+            and _direct(x, weight, residual)):
+        plan = _known_plan(op, key, x, weight, residual, eps)
+        if plan is not None and not plan.static:
+            outs = _run(plan, x, (weight, residual, None, None, None))
+            return _planned_activation(plan, key, x, outs, None), outs
+    key, scale, global_scale = _resolve(key, layer, scale, global_scale)
+    _check_tensor(x, "x", x)
+    k = x.shape[-1] // 2 if op == "silu" else x.shape[-1]
+    static = _static_storage(key, scale, x, k)
+    gs, ub = _scalar(global_scale, x), _scalar(scale_ub, x)
+    if _direct(x, weight, residual, static, gs, ub):
+        plan = _producer_plan(op, _key_str(key), x, weight, residual, static, gs, ub, float(eps))
+        outs = _run(plan, x, (weight, residual, static, gs, ub))
+        return _planned_activation(plan, key, x, outs, static), outs
+    if op == "quant":
+        outs = _quantize_op(x, _key_str(key), static, gs, ub)
+    elif op == "rms":
+        outs = _rms_norm_quant_op(x, weight, _key_str(key), float(eps), residual, static, gs, ub)
+    else:
+        outs = _silu_and_mul_quant_op(x, _key_str(key), static, gs, ub)
+    return _activation(key, x, k, outs, static), outs
+
+
 def quantize(x: Tensor, key: QuantKey | None = None, *, layer: Any = None, scale: Any = None,
              global_scale: Any = None, scale_ub: Any = None) -> QuantizedActivation:
     """Quantize ``x [..., K]`` with ``key`` (or the key ``layer`` exposes) with the Pallas kernel.
@@ -734,19 +765,7 @@ def quantize(x: Tensor, key: QuantKey | None = None, *, layer: Any = None, scale
     numbers (put on x's device). Returns a ``QuantizedActivation`` whose data and dynamic scales are
     the kernel's buffers.
     """
-    if layer is None and scale is None and global_scale is None and scale_ub is None and _direct(x):
-        plan = _known_plan("quant", key, x, None, None, 0.0)
-        if plan is not None and not plan.static:
-            return _planned_activation(plan, key, x, _run(plan, x, (None, None, None, None, None)), None)
-    key, scale, global_scale = _resolve(key, layer, scale, global_scale)
-    _check_tensor(x, "x", x)
-    static = _static_storage(key, scale, x, x.shape[-1])
-    gs, ub = _scalar(global_scale, x), _scalar(scale_ub, x)
-    if _direct(x, static, gs, ub):
-        plan = _producer_plan("quant", _key_str(key), x, None, None, static, gs, ub, 0.0)
-        return _planned_activation(plan, key, x, _run(plan, x, (None, None, static, gs, ub)), static)
-    outs = _quantize_op(x, _key_str(key), static, gs, ub)
-    return _activation(key, x, x.shape[-1], outs, static)
+    return _wrap_producer("quant", x, None, None, key, layer, scale, global_scale, scale_ub, 0.0)[0]
 
 
 def rms_norm_quant(x: Tensor, weight: Tensor, key: QuantKey | None = None, *, layer: Any = None, eps: float = 1e-6,
@@ -758,41 +777,14 @@ def rms_norm_quant(x: Tensor, weight: Tensor, key: QuantKey | None = None, *, la
     keys in f32 (vLLM). ``residual_out`` is a new tensor (vLLM updates the residual in place; an op
     here never writes its inputs).
     """
-    if (layer is None and scale is None and global_scale is None and scale_ub is None and type(eps) is float
-            and _direct(x, weight, residual)):
-        plan = _known_plan("rms", key, x, weight, residual, eps)
-        if plan is not None and not plan.static:
-            outs = _run(plan, x, (weight, residual, None, None, None))
-            return _planned_activation(plan, key, x, outs, None), (outs[-1] if residual is not None else None)
-    key, scale, global_scale = _resolve(key, layer, scale, global_scale)
-    _check_tensor(x, "x", x)
-    static = _static_storage(key, scale, x, x.shape[-1])
-    gs, ub = _scalar(global_scale, x), _scalar(scale_ub, x)
-    if _direct(x, weight, residual, static, gs, ub):
-        plan = _producer_plan("rms", _key_str(key), x, weight, residual, static, gs, ub, float(eps))
-        outs = _run(plan, x, (weight, residual, static, gs, ub))
-        return _planned_activation(plan, key, x, outs, static), (outs[-1] if residual is not None else None)
-    outs = _rms_norm_quant_op(x, weight, _key_str(key), float(eps), residual, static, gs, ub)
-    return _activation(key, x, x.shape[-1], outs, static), (outs[-1] if residual is not None else None)
+    qa, outs = _wrap_producer("rms", x, weight, residual, key, layer, scale, global_scale, scale_ub, eps)
+    return qa, (outs[-1] if residual is not None else None)
 
 
 def silu_and_mul_quant(x: Tensor, key: QuantKey | None = None, *, layer: Any = None, scale: Any = None,
                        global_scale: Any = None, scale_ub: Any = None) -> QuantizedActivation:
     """Fused SiLU-and-mul -> quant of ``x [..., 2d] = [gate | up]`` with the Pallas kernel."""
-    if layer is None and scale is None and global_scale is None and scale_ub is None and _direct(x):
-        plan = _known_plan("silu", key, x, None, None, 0.0)
-        if plan is not None and not plan.static:
-            return _planned_activation(plan, key, x, _run(plan, x, (None, None, None, None, None)), None)
-    key, scale, global_scale = _resolve(key, layer, scale, global_scale)
-    _check_tensor(x, "x", x)
-    k = x.shape[-1] // 2
-    static = _static_storage(key, scale, x, k)
-    gs, ub = _scalar(global_scale, x), _scalar(scale_ub, x)
-    if _direct(x, static, gs, ub):
-        plan = _producer_plan("silu", _key_str(key), x, None, None, static, gs, ub, 0.0)
-        return _planned_activation(plan, key, x, _run(plan, x, (None, None, static, gs, ub)), static)
-    outs = _silu_and_mul_quant_op(x, _key_str(key), static, gs, ub)
-    return _activation(key, x, k, outs, static)
+    return _wrap_producer("silu", x, None, None, key, layer, scale, global_scale, scale_ub, 0.0)[0]
 
 
 def scaled_mm(x: QuantizedActivation | Tensor, weight: Tensor, weight_scale: Tensor, *, bias: Tensor | None = None,
