@@ -54,7 +54,7 @@ from quantact_jax import dequant_gemm, mosaic_block_gemm, mosaic_gemm, producers
 from quantact_jax.activation import QuantizedActivation, as_quantized_activation
 
 F32 = jnp.float32
-MOSAIC_DECODE_MIN_M = 8  # auto: M <= 8 stays on split-K Triton (module docstring)
+TRITON_DECODE_MAX_M = 8  # auto: M <= 8 stays on split-K Triton (module docstring)
 FP8 = jnp.float8_e4m3fn
 
 # Weight keys on the ``[N, K]`` weight (interop.weights, re-exported): per-tensor, per-output-channel
@@ -264,7 +264,7 @@ def scaled_mm(x: QuantizedActivation | jax.Array, weight: jax.Array, weight_scal
         if a_mode == "group128":
             fits = not decode and mosaic_block_gemm.supports(m, n, k, out_dtype)
         elif decode:
-            fits = m > MOSAIC_DECODE_MIN_M and mosaic_gemm.decode_supports(m, n, k, out_dtype)
+            fits = m > TRITON_DECODE_MAX_M and mosaic_gemm.decode_supports(m, n, k, out_dtype)
         else:
             fits = mosaic_gemm.supports(m, n, k, out_dtype)
         backend = "mosaic" if not interpret and config is None and _is_hopper() and fits else "triton"
