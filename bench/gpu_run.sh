@@ -21,7 +21,7 @@ python3 -c "import jax, torch, triton; print('jax', jax.__version__, jax.devices
 if [ "${SKIP_TESTS:-0}" != 1 ] && [ "${ONLY_SHARDING:-0}" != 1 ]; then
   python3 -m pytest -q -n "${TEST_WORKERS:-12}" tests/test_producers.py tests/test_consumers.py tests/test_bridge.py \
       tests/test_contract.py tests/test_torch_ops.py tests/test_layers.py tests/test_mlp.py \
-      tests/test_dequant_gemm.py tests/test_mosaic_block_gemm.py \
+      tests/test_dequant_gemm.py tests/test_mosaic_block_gemm.py tests/test_mosaic_gemm.py \
       ${TESTS_K:+-k "$TESTS_K"} -p no:cacheprovider 2>&1 | grep -v "^E1124\|Source Location\|cuda_status" \
       > "$OUT/gpu_tests.log"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1
   tail -15 "$OUT/gpu_tests.log"

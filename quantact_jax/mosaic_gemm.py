@@ -41,7 +41,11 @@ F32 = jnp.float32
 class MosaicConfig:
     """CTA tile ``tile_m x 2*tile_n`` (two compute warpgroups side by side along N), K step,
     pipeline depth, epilogue sub-tile and the L2-friendly tile order (``grid_tile_width``
-    output tiles along the minor grid dimension before moving on)."""
+    output tiles along the minor grid dimension before moving on). ``delay_release``: each
+    warpgroup keeps that many wgmma groups in flight (``wgmma_wait(delay_release)``), so a
+    stage's SMEM is released that many K steps late. ``cluster`` "m" or "n": two CTAs, adjacent
+    along that dimension, form a cluster and share the other operand's tile by TMA multicast
+    (each loads half of it), halving that operand's L2 traffic."""
 
     tile_m: int = 128
     tile_n: int = 128
@@ -51,6 +55,8 @@ class MosaicConfig:
     epi_tile_n: int = 64
     grid_minor_n: bool = False
     grid_tile_width: int = 8
+    delay_release: int = 0
+    cluster: str | None = None
 
     def smem_bytes(self, out_itemsize: int = 2) -> int:
         per_stage = (self.tile_m + 2 * self.tile_n) * self.tile_k
@@ -78,7 +84,8 @@ def supports(m: int, n: int, k: int, out_dtype, cfg: MosaicConfig | None = None)
     cfg = cfg or heuristic_config(m, n, k, out_dtype)
     size = jnp.dtype(out_dtype).itemsize
     return (k % cfg.tile_k == 0 and n % cfg.epi_tile_n == 0 and n >= 2 * cfg.tile_n and size in (2, 4)
-            and cfg.epi_tile_n * size <= 128 and cfg.smem_bytes(size) <= SMEM_LIMIT)
+            and cfg.epi_tile_n * size <= 128 and cfg.smem_bytes(size) <= SMEM_LIMIT
+            and 0 <= cfg.delay_release < cfg.stages and cfg.cluster in (None, "m", "n"))
 
 
 def _bcast(ref, shape: tuple[int, int], dim: int) -> jax.Array:
@@ -121,7 +128,8 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: Mosai
     cta_n = 2 * tn
     swizzle = plgpu.find_swizzle(tk * 8)  # fp8: one byte per element
     transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
-    m_iters, n_iters, k_iters = cdiv(m, tm), cdiv(n, cta_n), cdiv(k, tk)
+    cm, cn = _cluster_shape(cfg)
+    m_iters, n_iters, k_iters = cdiv(m, cm * tm), cdiv(n, cn * cta_n), cdiv(k, tk)
     em, en = cfg.epi_tile_m, cfg.epi_tile_n
     out_swizzle = plgpu.find_swizzle(en * jnp.dtype(out_dtype).itemsize * 8)
     out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
@@ -131,9 +139,12 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: Mosai
     def pipeline(body, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k_iters,), memory_registers=40,
-            in_specs=[plgpu.BlockSpec((tm, tk), lambda ki: (0, ki), transforms=transforms, memory_space=plgpu.SMEM),
+            in_specs=[plgpu.BlockSpec((tm, tk), lambda ki: (0, ki), transforms=transforms, memory_space=plgpu.SMEM,
+                                      delay_release=cfg.delay_release,
+                                      collective_axes=("cluster",) if cfg.cluster == "n" else ()),
                       plgpu.BlockSpec((cta_n, tk), lambda ki: (0, ki), transforms=transforms,
-                                      memory_space=plgpu.SMEM)],
+                                      memory_space=plgpu.SMEM, delay_release=cfg.delay_release,
+                                      collective_axes=("cluster",) if cfg.cluster == "m" else ())],
             wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=cfg.stages, compute_context=compute_context)
 
     ignore = lambda *_, **__: None  # allocations do not depend on the bodies
@@ -152,6 +163,9 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: Mosai
             (lin,) = info.index
             mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1 if cfg.grid_minor_n else 0,
                                         cfg.grid_tile_width)
+            if cfg.cluster is not None:  # the cluster's tile pair; this CTA takes one of the two
+                cta = lax.axis_index("cluster")
+                mi, ni = (mi * 2 + cta, ni) if cfg.cluster == "m" else (mi, ni * 2 + cta)
             m_sl = pl.ds(mi * tm, tm)
             n0 = ni * cta_n + wg * tn  # this warpgroup's first output column
 
@@ -178,13 +192,18 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: Mosai
 
             def mma(_, a_smem, b_smem, acc_ref):
                 plgpu.wgmma(acc_ref, a_smem, b_smem.at[pl.ds(wg * tn, tn)].T)
-                plgpu.wgmma_wait(0)
+                plgpu.wgmma_wait(cfg.delay_release)  # reading acc_ref in the epilogue waits for all
                 return acc_ref
 
             pipeline(mma, compute_context)(a_gmem.at[m_sl, :], b_gmem.at[pl.ds(ni * cta_n, cta_n), :],
                                            allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _cluster_shape(cfg: MosaicConfig) -> tuple[int, int]:
+    """CTAs per cluster along (M, N)."""
+    return (2, 1) if cfg.cluster == "m" else (1, 2) if cfg.cluster == "n" else (1, 1)
 
 
 def _pad(v: jax.Array, size: int) -> jax.Array:
@@ -205,7 +224,8 @@ def scaled_mm(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array, bias: ja
     rows = max(cfg.tile_m, cdiv(m, 8) * 8)  # TMA tiles rows by 8; at least one whole M tile
     if rows != m:
         a = jnp.pad(a, ((0, rows - m), (0, 0)))
-    mp, np_ = cdiv(m, cfg.tile_m) * cfg.tile_m, cdiv(n, 2 * cfg.tile_n) * 2 * cfg.tile_n
+    cm, cn = _cluster_shape(cfg)  # vectors padded to whole cluster tiles (a cluster's second tile may lie past M or N)
+    mp, np_ = cdiv(m, cm * cfg.tile_m) * cm * cfg.tile_m, cdiv(n, cn * 2 * cfg.tile_n) * cn * 2 * cfg.tile_n
     sa = _pad(jnp.broadcast_to(sa.astype(F32).reshape(-1), (m,)), mp)
     sb = _pad(jnp.broadcast_to(sb.astype(F32).reshape(-1), (n,)), np_)
     args = [a, b, sa, sb] + ([_pad(bias.astype(F32), np_)] if bias is not None else [])
@@ -215,8 +235,10 @@ def scaled_mm(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array, bias: ja
         bias_gmem = rest[0] if bias is not None else None
         _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, rest[-1], cfg=cfg)
 
-    f = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((a.shape[0], n), out_dtype), grid=(num_sms,), grid_names=("sm",),
-                     num_threads=3, thread_name="wg",
+    csize = cm * cn
+    f = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((a.shape[0], n), out_dtype), grid=(num_sms // csize,),
+                     grid_names=("sm",), cluster=(csize,) if csize > 1 else (),
+                     cluster_names=("cluster",) if csize > 1 else (), num_threads=3, thread_name="wg",
                      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     return f(*args)[:m]
 

@@ -32,6 +32,18 @@ SHAPES = [(4096, 4096, 4096), (8192, 8192, 8192), (4096, 28672, 4096), (4096, 40
           (1, 8192, 8192), (16, 8192, 8192), (64, 8192, 8192)]
 
 
+M = MG.MosaicConfig
+# --configs: the Mosaic GEMM's schedules (delayed release, 2-CTA multicast clusters) and tile orders
+MOSAIC_SWEEP = [M(), M(delay_release=1), M(cluster="m"), M(cluster="n"), M(cluster="m", delay_release=1),
+                M(cluster="n", delay_release=1), M(stages=4, epi_tile_n=32, delay_release=1),
+                M(tile_k=64, stages=6, delay_release=1), M(tile_k=64, stages=6, delay_release=2, cluster="m"),
+                M(cluster="m", grid_tile_width=4), M(cluster="m", grid_tile_width=16), M(cluster="n", grid_minor_n=True),
+                M(grid_tile_width=16), M(grid_minor_n=True)]
+D = MG.DecodeConfig  # the swap-AB decode kernel (M <= 64)
+DECODE_SWEEP = [D(tile_n=64, tile_k=tk, stages=st, split_k=sk, num_wgs=w, promote=True)
+                for tk, st in ((256, 4), (256, 5), (128, 8)) for w in (1, 2) for sk in (1, 2)]
+
+
 def _device_s(fn, args, iters: int = 20, reps: int = 0) -> float:  # noqa: ARG001  (time_jax's signature)
     """Device time (s) per call: see the module docstring."""
     return device_us(fn, args) * 1e-6
@@ -41,7 +53,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None)
     ap.add_argument("--configs", action="store_true", help="sweep a few tile configs per shape")
+    ap.add_argument("--sweep-only", action="store_true", help="with --configs: the sweep and cuBLASLt row-wise only")
+    ap.add_argument("--shapes", default="", help="MxNxK,... (default: the issue's shapes)")
     args = ap.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     if jax.default_backend() != "gpu":
         print("no GPU: the consumer benchmark needs one")
         return 0
@@ -50,7 +65,7 @@ def main() -> int:
     dev = torch.device("cuda")
     res = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), jax=jax.__version__,
                torch=torch.__version__, cases=[])
-    for m, n, k in SHAPES:
+    for m, n, k in shapes:
         flops = 2 * m * n * k
         tj, tt = (_device_s, _device_s) if m <= 64 else (time_jax, time_torch)
         xt = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
@@ -60,6 +75,7 @@ def main() -> int:
         x = to_jax(xt)
         wj, swj = to_jax(w8), to_jax(sw)
         row = dict(shape=[m, n, k])
+        lean = args.configs and args.sweep_only
         # ours, pre-quantized activations (the consumer alone)
         for name, key, ws in (("token_x_channel", kFp8DynamicTokenSym, swj),
                               ("tensor_x_tensor", kFp8DynamicTensorSym, swj.max().reshape(1))):
@@ -68,12 +84,12 @@ def main() -> int:
             t = tj(f, (qa, wj, ws), iters=20)
             row[f"quantact_{name}_us"] = t * 1e6
             row[f"quantact_{name}_tflops"] = flops / t / 1e12
-        if m >= 4096:  # the Triton kernel alone, for the record
+        if m >= 4096 and not lean:  # the Triton kernel alone, for the record
             qa = P.quantize(x, kFp8DynamicTokenSym)
             f = jax.jit(lambda qa, w, s: C.scaled_mm(qa, w, s, input_quant_key=kFp8DynamicTokenSym, backend="triton"))
             t = tj(f, (qa, wj, swj), iters=10)
             row["quantact_triton_token_x_channel_tflops"] = flops / t / 1e12
-        if k % 128 == 0 and n % 128 == 0:
+        if k % 128 == 0 and n % 128 == 0 and not lean:
             qa = P.quantize(x, kFp8Dynamic128Sym)
             sb = jnp.ones((n // 128, k // 128), jnp.float32) * 0.01
             f = jax.jit(lambda qa, w, s: C.scaled_mm(qa, w, s, input_quant_key=kFp8Dynamic128Sym))
@@ -94,7 +110,9 @@ def main() -> int:
                                                                out_dtype=torch.bfloat16, use_fast_accum=True),
             "cublas_bf16": lambda: xt @ wt.to(torch.bfloat16).t(),
         }
-        if k % 128 == 0 and n % 128 == 0:
+        if lean:
+            peers = {"cublas_rowwise": peers["cublas_rowwise"]}
+        elif k % 128 == 0 and n % 128 == 0:
             sa_blk = torch.ones(k // 128, m, device=dev).t()  # [M, K/128], M-major as cuBLASLt wants
             sb_blk = torch.ones(n // 128, k // 128, device=dev) * 0.01
             peers["cublas_block128"] = lambda: torch._scaled_mm(x8, w8.t(), scale_a=sa_blk, scale_b=sb_blk.t(),
@@ -107,26 +125,20 @@ def main() -> int:
             except Exception as e:  # e.g. block scaling unsupported by this torch/cuBLASLt
                 row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
         xq = P.quantize(x, kFp8DynamicTokenSym)
-        xla = jax.jit(lambda a, sa, w, sw: (jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())),
+        xla = None if lean else jax.jit(lambda a, sa, w, sw: (jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())),
                                                                 preferred_element_type=jnp.float32)
                                             * sw.reshape(1, -1) * sa).astype(jnp.bfloat16))
-        t = tj(xla, (xq.data, xq.scale, wj, swj), iters=20)
-        row["xla_fp8_dot_us"] = t * 1e6
-        row["xla_fp8_dot_tflops"] = flops / t / 1e12
+        if xla is not None:
+            t = tj(xla, (xq.data, xq.scale, wj, swj), iters=20)
+            row["xla_fp8_dot_us"] = t * 1e6
+            row["xla_fp8_dot_tflops"] = flops / t / 1e12
         if args.configs:
-            if m >= 4096:
-                cfgs = [MG.MosaicConfig(), MG.MosaicConfig(grid_tile_width=4), MG.MosaicConfig(grid_tile_width=16),
-                        MG.MosaicConfig(grid_minor_n=True), MG.MosaicConfig(stages=4, epi_tile_n=32),
-                        MG.MosaicConfig(tile_k=64, stages=6)]
-            else:
-                cfgs = [C.MatmulConfig(16 if m <= 16 else m, bn, bk, 4, st, split_k=sk)
-                        for bn in (64, 128) for bk in (128, 256) for sk in (1, 2, 4, 8) for st in (3, 5)]
+            cfgs = MOSAIC_SWEEP if m > 64 else DECODE_SWEEP
             sweep = {}
             qa = P.quantize(x, kFp8DynamicTokenSym)
             for cfg in cfgs:
                 f = jax.jit(lambda qa, w, s, cfg=cfg: C.scaled_mm(
-                    qa, w, s, input_quant_key=kFp8DynamicTokenSym, config=cfg,
-                    backend="mosaic" if isinstance(cfg, MG.MosaicConfig) else "triton"))
+                    qa, w, s, input_quant_key=kFp8DynamicTokenSym, config=cfg, backend="mosaic"))
                 try:
                     sweep[str(dataclasses.astuple(cfg))] = tj(f, (qa, wj, swj), iters=10, reps=3) * 1e6
                 except Exception as e:

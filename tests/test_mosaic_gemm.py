@@ -1,0 +1,69 @@
+"""The Mosaic GPU fp8 GEMM's schedule options (``MosaicConfig.delay_release`` / ``cluster``) and
+the decode kernel's configs.
+
+On CPU each config is traced and cross-lowered to Mosaic GPU (layout inference included), which
+catches API and layout errors without a GPU. On a Hopper GPU each config runs on shapes that are
+not multiples of its (cluster) tiles, with at least two tiles per CTA, against the jnp and torch
+reference consumers (``test_consumers._check``, fast-accumulation tolerance).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from quantact_jax import consumers as C
+from quantact_jax import mosaic_gemm as MG
+from test_consumers import CASES, HOPPER, _check, _problem
+
+Cfg = MG.MosaicConfig
+CONFIGS = {
+    "default": Cfg(),
+    "delay1": Cfg(delay_release=1),
+    "cluster_m": Cfg(cluster="m"),
+    "cluster_n": Cfg(cluster="n"),
+    "cluster_m_delay1": Cfg(cluster="m", delay_release=1, stages=4, tile_k=64),
+    "cluster_n_minor_n": Cfg(cluster="n", grid_minor_n=True, grid_tile_width=4),
+}
+
+
+def _lower(m, n, k, bias, out_dtype, cfg):
+    S = jax.ShapeDtypeStruct
+    args = [S((m, k), jnp.float8_e4m3fn), S((n, k), jnp.float8_e4m3fn), S((m,), jnp.float32), S((n,), jnp.float32)]
+    if bias:
+        args.append(S((n,), jnp.float32))
+    f = jax.jit(lambda a, b, sa, sb, *r: MG.scaled_mm(a, b, sa, sb, r[0] if r else None, out_dtype, cfg))
+    traced = f.trace(*args)
+    assert traced.out_info.shape == (m, n) and traced.out_info.dtype == out_dtype
+    return traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("m,n,k,bias,out_dtype", [(300, 640, 384, True, jnp.bfloat16),
+                                                   (4096, 4096, 4096, False, jnp.float16)], ids=str)
+def test_kernel_traces_and_lowers_for_cuda(name, m, n, k, bias, out_dtype):
+    cfg = CONFIGS[name]
+    assert MG.supports(m, n, k, out_dtype, cfg), cfg
+    assert "mosaic_gpu" in _lower(m, n, k, bias, out_dtype, cfg)
+
+
+def test_delay_release_needs_a_deeper_pipeline():
+    # the pipeline releases a stage delay_release steps late: it needs more stages than that
+    assert not MG.supports(4096, 4096, 4096, jnp.bfloat16, Cfg(delay_release=3, stages=3))
+    assert not MG.supports(4096, 4096, 4096, jnp.bfloat16, Cfg(cluster="k"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Mosaic GEMM needs a Hopper GPU")
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("m,n,k,bias", [(2100, 4352, 512, True), (1031, 1536, 1024, False)], ids=str)
+def test_configs_match_references(name, m, n, k, bias):
+    # 2100 x 4352: 9 x 17 cluster tiles of 256 x 256 (cluster m) or 17 x 9 of 128 x 512 (cluster n) over
+    # 66 clusters, >= 2 per CTA, partial M tiles and (cluster n) a cluster whose second tile lies past N
+    akey, wmode = CASES[0]
+    qa, wq, ws, wk, b = _problem(m, n, k, akey, wmode, bias)
+    cfg = CONFIGS[name]
+    assert MG.supports(m, n, k, jnp.bfloat16, cfg)
+    got = C.scaled_mm(qa, wq, ws, bias=b, input_quant_key=akey, backend="mosaic", config=cfg)
+    _check(got, qa, wq, ws, wk, b, None, fast_accum=True)
