@@ -49,6 +49,13 @@ SCHEDULES = [
     Cfg(pingpong=True),                                     # warpgroups take turns per sub-tile
     Cfg(wg_n=64, n_sub=4, n_acc=2, pingpong=True),          # ... and turns per K block
     Cfg(wg_m=128, wg_n=64, n_sub=2, wg_dim="n", stages=4, pingpong=True),  # 128x256, wg 128x(2x64), turns
+    # 2-CTA clusters (mosaic_block_gemm docstring, "Clusters"; CPU-verified only, never run on a GPU):
+    # "m": two 128x256 tiles stacked along M share the B tile by TMA multicast; "n": side by side
+    # along N, sharing the A tile and its sa slice
+    Cfg(cluster="m"),
+    Cfg(cluster="n"),
+    Cfg(pingpong=True, cluster="m"),
+    Cfg(pingpong=True, cluster="n"),
 ]
 SWEEP = SCHEDULES + [
     Cfg(grid_tile_width=4), Cfg(grid_tile_width=16), Cfg(grid_minor_n=True),
@@ -61,6 +68,16 @@ SWEEP = SCHEDULES + [
     Cfg(wg_n=64, n_sub=2, n_acc=2, stages=5),          # 128x128, wg 64x(2x64), 2 accumulators
     Cfg(wg_n=64, n_sub=4, n_acc=2, stages=3, epi_slots=2),
     Cfg(pingpong=True, grid_tile_width=16),
+    # clusters with the other schedules, and a later stage release (CPU-verified only)
+    Cfg(wg_n=64, n_sub=4, n_acc=2, cluster="m"),
+    Cfg(wg_n=64, n_sub=4, n_acc=2, pingpong=True, cluster="m"),
+    Cfg(wg_n=64, n_sub=4, n_acc=2, pingpong=True, cluster="n"),
+    Cfg(wg_m=128, wg_n=64, n_sub=2, wg_dim="n", stages=4, pingpong=True, cluster="m"),
+    Cfg(wg_m=128, wg_n=64, n_sub=2, wg_dim="n", stages=4, pingpong=True, cluster="n"),
+    Cfg(pingpong=True, cluster="m", grid_tile_width=16),
+    Cfg(pingpong=True, cluster="n", grid_minor_n=True),
+    Cfg(pingpong=True, delay_release=1),               # a stage held one K step longer (body waits anyway)
+    Cfg(pingpong=True, cluster="m", delay_release=1),
 ]
 
 

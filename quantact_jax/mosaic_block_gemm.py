@@ -54,6 +54,26 @@ Schedules (how the tensor core overlaps the promotion; :class:`MosaicBlockConfig
   at kernel start and end only) deadlocks as soon as a CTA has two tiles: ``_kernel``'s
   ``turn`` docstring has the accounting.
 
+Clusters (``MosaicBlockConfig.cluster``, off by default): ``"m"`` or ``"n"`` launches one cluster of
+two CTAs per two SMs (``plgpu.kernel(cluster=(2,))``, grid ``num_sms // 2``) over cluster tiles of two
+CTA tiles side by side along that dimension, taken in the usual persistent order (``nd_loop`` over
+the cluster grid); CTA ``c`` of a cluster takes CTA tile ``2 * i + c`` along it. The two CTAs share
+the other operand's tile, which the pipeline loads once by TMA multicast (``BlockSpec
+collective_axes=("cluster",)``: each CTA loads half of it into both): B (and its L2 traffic) for
+``"m"``; A and the transposed ``sa`` slices (same rows) for ``"n"``. A stage is then refilled only when
+the compute warpgroups of both CTAs have released it (the pipeline's consumed barrier becomes a
+cluster barrier), so the two CTAs run their K loops in loose lock-step. Remainders: the wrapper pads
+the ``sa``/``sb``/bias vectors to whole cluster tiles, and a CTA tile partly or wholly past M or N
+still runs its pipeline (its peer needs its half of the multicast): TMA zero-fills the loads past
+the operands' ends and drops the stores past the output's. The ping-pong rendezvous stay within a
+CTA and within a tile; the cluster couples only the two CTAs' pipelines, each tile's stages being
+released before the next tile's are loaded, so the per-tile pairing argument (``turn``) is
+unchanged. ``delay_release`` (``BlockSpec.delay_release``, as JAX's ``hopper_matmul_mgpu``) hands each
+stage back to the memory warpgroup that many K steps late; JAX's kernel uses it to leave a wgmma
+in flight past its step, but every body here waits for its own wgmma (the promotion reads them),
+so here it only shortens the prefetch distance to ``stages - delay_release``: offered for the sweep,
+not expected to pay.
+
 The promotion arithmetic is the same in every schedule: per output element and K block one
 f32 FMA of the block's partial and scale into the running sum, in K order.
 
@@ -68,8 +88,9 @@ Scales:
 
 Requirements (:func:`supports`): ``K % 128 == 0``, ``N % 128 == 0``, ``K <= 32768`` (one TMA
 box of sb), M arbitrary (rows padded to a multiple of 8 and at least one tile, as
-``mosaic_gemm`` does). No interpret mode (the Mosaic interpreter does not run fp8 transposed
-wgmma); the CPU tests trace and cross-lower the kernel, the GPU tests run it.
+``mosaic_gemm`` does), with or without a cluster (M and N need not fill whole cluster tiles). No
+interpret mode (the Mosaic interpreter does not run fp8 transposed wgmma); the CPU tests trace and
+cross-lower the kernel, the GPU tests run it.
 """
 
 from __future__ import annotations
@@ -104,7 +125,16 @@ class MosaicBlockConfig:
     - ``pingpong``: the two compute warpgroups take turns at the tensor core (FlashAttention-3
       style rendezvous on a two-arrival barrier), so that one warpgroup's promotion runs while the
       other's wgmma does instead of both at once: turns of one sub-tile with ``n_acc=1``, of one
-      K block's issues with ``n_acc=2``."""
+      K block's issues with ``n_acc=2``.
+
+    Clusters and stage release (module docstring, "Clusters"):
+
+    - ``cluster``: None (one CTA per SM, the default), ``"m"`` or ``"n"``: clusters of two CTAs whose
+      tiles sit side by side along M (``"m"``, cluster tile ``2 * cta_m x cta_n``: they share the B
+      tile, loaded once by TMA multicast) or along N (``"n"``, ``cta_m x 2 * cta_n``: they share the A
+      tile and its ``sa`` slice).
+    - ``delay_release``: K steps each pipeline stage is held after its step before the memory
+      warpgroup may refill it (``BlockSpec.delay_release``; below ``stages``). 0 by default."""
 
     wg_m: int = 64
     wg_n: int = 128
@@ -118,6 +148,8 @@ class MosaicBlockConfig:
     grid_tile_width: int = 8
     n_acc: int = 1
     pingpong: bool = False
+    cluster: str | None = None
+    delay_release: int = 0
 
     @property
     def tile_k(self) -> int:
@@ -134,6 +166,20 @@ class MosaicBlockConfig:
     @property
     def cta_n(self) -> int:
         return self.wg_cols * (2 if self.wg_dim == "n" else 1)
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 if self.cluster is None else 2
+
+    @property
+    def cluster_m(self) -> int:
+        """Rows of a cluster tile (a CTA tile without a cluster)."""
+        return self.cta_m * (2 if self.cluster == "m" else 1)
+
+    @property
+    def cluster_n(self) -> int:
+        """Columns of a cluster tile (a CTA tile without a cluster)."""
+        return self.cta_n * (2 if self.cluster == "n" else 1)
 
     @property
     def wg_blocks(self) -> int:
@@ -156,7 +202,8 @@ class MosaicBlockConfig:
                 and self.n_sub in (1, 2, 4) and self.acc_registers() <= 192 and self.stages >= 2
                 and self.epi_slots in (1, 2)
                 and self.wg_m % self.epi_tile_m == 0 and self.wg_n % self.epi_tile_n == 0
-                and (self.n_acc == 1 or (self.n_acc == 2 and self.n_sub >= 2)))
+                and (self.n_acc == 1 or (self.n_acc == 2 and self.n_sub >= 2))
+                and self.cluster in (None, "m", "n") and 0 <= self.delay_release < self.stages)
 
 
 def heuristic_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16) -> MosaicBlockConfig:
@@ -178,10 +225,11 @@ def heuristic_config(m: int, n: int, k: int, out_dtype=jnp.bfloat16) -> MosaicBl
 
 
 def fit_smem(cfg: MosaicBlockConfig, k: int, out_itemsize: int = 2) -> MosaicBlockConfig:
-    """``cfg`` with one epilogue buffer, then fewer stages (down to 2), until it fits in SMEM."""
+    """``cfg`` with one epilogue buffer, then fewer stages (down to 2, and above ``delay_release``),
+    until it fits in SMEM."""
     if cfg.smem_bytes(out_itemsize, k) > SMEM_LIMIT:
         cfg = dataclasses.replace(cfg, epi_slots=1)
-    while cfg.smem_bytes(out_itemsize, k) > SMEM_LIMIT and cfg.stages > 2:
+    while cfg.smem_bytes(out_itemsize, k) > SMEM_LIMIT and cfg.stages > max(2, cfg.delay_release + 1):
         cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
     return cfg
 
@@ -192,6 +240,11 @@ def supports(m: int, n: int, k: int, out_dtype, cfg: MosaicBlockConfig | None = 
     size = jnp.dtype(out_dtype).itemsize
     return (m >= 1 and k % BLOCK == 0 and n % BLOCK == 0 and 0 < k <= 256 * BLOCK and size in (2, 4)
             and cfg.valid() and cfg.epi_tile_n * size <= 128 and cfg.smem_bytes(size, k) <= SMEM_LIMIT)
+
+
+def _grid_name(cfg: MosaicBlockConfig) -> str:
+    """The persistent grid's axis: one entry per CTA (SM), or per cluster with a cluster."""
+    return "sm" if cfg.cluster is None else "cluster_grid"
 
 
 def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: MosaicBlockConfig):
@@ -207,7 +260,12 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: Mosai
     split_m = cfg.wg_dim == "m"
     swizzle = plgpu.find_swizzle(tk * 8)  # fp8: one byte per element, 128-byte rows
     transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
-    m_iters, n_iters, k_iters = cdiv(m, cta_m), cdiv(n, cta_n), k // tk
+    # the persistent loop walks cluster tiles (CTA tiles without a cluster)
+    m_iters, n_iters, k_iters = cdiv(m, cfg.cluster_m), cdiv(n, cfg.cluster_n), k // tk
+    # multicast operands: B when the cluster spans M, A and its sa slice when it spans N
+    share_a = ("cluster",) if cfg.cluster == "n" else ()
+    share_b = ("cluster",) if cfg.cluster == "m" else ()
+    dr = cfg.delay_release
     em, en = cfg.epi_tile_m, cfg.epi_tile_n
     itemsize = jnp.dtype(out_dtype).itemsize
     out_swizzle = plgpu.find_swizzle(en * itemsize * 8)
@@ -224,11 +282,12 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: Mosai
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k_iters,), memory_registers=40,
             in_specs=[plgpu.BlockSpec((cta_m, tk), lambda ki: (0, ki), transforms=transforms,
-                                      memory_space=plgpu.SMEM),
+                                      memory_space=plgpu.SMEM, collective_axes=share_a, delay_release=dr),
                       plgpu.BlockSpec((cta_n, tk), lambda ki: (0, ki), transforms=transforms,
-                                      memory_space=plgpu.SMEM),
+                                      memory_space=plgpu.SMEM, collective_axes=share_b, delay_release=dr),
                       # this K block's activation scales of the CTA's rows: [1, wgs_m, wm] f32
-                      plgpu.BlockSpec((1, wgs_m, wm), lambda ki: (ki, 0, 0), memory_space=plgpu.SMEM)],
+                      plgpu.BlockSpec((1, wgs_m, wm), lambda ki: (ki, 0, 0), memory_space=plgpu.SMEM,
+                                      collective_axes=share_a, delay_release=dr)],
             wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=cfg.stages, compute_context=compute_context)
 
     ignore = lambda *_, **__: None  # allocations do not depend on the bodies
@@ -278,11 +337,16 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: Mosai
                 plgpu.barrier_arrive(sched)
                 plgpu.barrier_wait(sched)
 
-        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+        @plgpu.nd_loop((m_iters * n_iters,), collective_axes=_grid_name(cfg))
         def _tiles(info):
             (lin,) = info.index
             mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1 if cfg.grid_minor_n else 0,
                                         cfg.grid_tile_width)
+            # the CTA tile: this CTA's half of the cluster tile (both CTAs of a cluster get the same lin)
+            if cfg.cluster == "m":
+                mi = mi * 2 + lax.axis_index("cluster")
+            elif cfg.cluster == "n":
+                ni = ni * 2 + lax.axis_index("cluster")
             m_sl = pl.ds(mi * cta_m, cta_m)
             # this warpgroup's first output row and column
             r0 = mi * cta_m + (wg * wm if split_m else 0)
@@ -388,8 +452,10 @@ def scaled_mm_block(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array, bi
     rows = max(cfg.cta_m, cdiv(m, 8) * 8)  # TMA tiles rows by 8; at least one whole M tile
     if rows != m:
         a = jnp.pad(a, ((0, rows - m), (0, 0)))
-    mp = cdiv(rows, cfg.cta_m) * cfg.cta_m
-    np_ = cdiv(n, cfg.cta_n) * cfg.cta_n
+    # scale and bias vectors padded to whole cluster tiles, so that a CTA tile past M or N (its
+    # operand loads and output stores left to TMA's bounds handling) still reads in-bounds vectors
+    mp = cdiv(rows, cfg.cluster_m) * cfg.cluster_m
+    np_ = cdiv(n, cfg.cluster_n) * cfg.cluster_n
     # sa^T, M contiguous, padded rows scale 0: [KB, Mp / wg_m, wg_m]
     sa_t = jnp.pad(sa.astype(F32).T, ((0, 0), (0, mp - m))).reshape(kb, mp // cfg.wg_m, cfg.wg_m)
     # sb rows padded to 128 bytes (each row is a TMA destination in SMEM, which wants 128-byte
@@ -397,14 +463,18 @@ def scaled_mm_block(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array, bi
     kbp = cdiv(kb, 32) * 32
     sb_p = jnp.pad(sb.astype(F32), ((0, cdiv(np_, BLOCK) - nb), (0, kbp - kb)))
     args = [a, b, sa_t, sb_p] + ([_pad(bias.astype(F32).reshape(-1), np_)] if bias is not None else [])
-    num_sms = getattr(jax.devices()[0], "core_count", 132)  # one persistent CTA per SM
+    num_sms = getattr(jax.devices()[0], "core_count", 132)
 
     def body(a_gmem, b_gmem, sa_gmem, sb_gmem, *rest):
         bias_gmem = rest[0] if bias is not None else None
         _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, rest[-1], cfg=cfg)
 
-    f = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((rows, n), out_dtype), grid=(num_sms,),
-                     grid_names=("sm",), num_threads=3, thread_name="wg",
+    # one persistent CTA per SM; with a cluster, one persistent cluster of two CTAs per two SMs
+    launch = dict(grid=(num_sms // cfg.cluster_size,), grid_names=(_grid_name(cfg),))
+    if cfg.cluster is not None:
+        launch.update(cluster=(cfg.cluster_size,), cluster_names=("cluster",))
+    f = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((rows, n), out_dtype), **launch, num_threads=3,
+                     thread_name="wg",
                      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     return f(*args)[:m]
 

@@ -54,7 +54,20 @@ CONFIGS = {  # every tile arrangement the kernel has
     "128x256-wgN-128x64x2-pingpong": C(wg_m=128, wg_n=64, n_sub=2, wg_dim="n", stages=4, pingpong=True),
     "128x128-wg64x64x2-acc2": C(wg_n=64, n_sub=2, n_acc=2, stages=5),
     "64x256-wgN-pingpong": C(wg_dim="n", n_sub=1, stages=5, pingpong=True),
+    # 2-CTA clusters sharing one operand's tile by TMA multicast (module docstring, "Clusters")
+    "128x256-clusterM": C(cluster="m"),
+    "128x256-clusterN": C(cluster="n"),
+    "128x256-pingpong-clusterM": C(pingpong=True, cluster="m"),
+    "128x256-pingpong-clusterN": C(pingpong=True, cluster="n"),
+    "128x256-wg64x64x4-acc2-pingpong-clusterM": C(wg_n=64, n_sub=4, n_acc=2, pingpong=True, cluster="m"),
+    "128x256-wgN-128x64x2-pingpong-clusterN": C(wg_m=128, wg_n=64, n_sub=2, wg_dim="n", stages=4, pingpong=True,
+                                                cluster="n"),
+    "64x256-wgN-clusterN": C(wg_dim="n", n_sub=1, stages=5, cluster="n"),  # sa slice [1, 1, 64] split in two
+    # stages handed back one K step late
+    "128x256-pingpong-delay1": C(pingpong=True, delay_release=1),
+    "128x256-pingpong-clusterM-delay1": C(pingpong=True, cluster="m", delay_release=1),
 }
+CLUSTER = [name for name, cfg in CONFIGS.items() if cfg.cluster]
 
 
 def _problem(m, n, k, bias, seed=0):
@@ -176,6 +189,77 @@ def test_pingpong_rendezvous_pair_within_a_tile(name):
     assert ops[("barrier_wait", 1)] - plain[("barrier_wait", 1)] == 2, (ops, plain)
 
 
+def _with_epi(cfg, out_dtype, k):
+    """``cfg`` with the epilogue tile width an output dtype allows (128-byte rows), fitted to SMEM."""
+    size = jnp.dtype(out_dtype).itemsize
+    return MB.fit_smem(dataclasses.replace(cfg, epi_tile_n=min(cfg.epi_tile_n, 128 // size)), k, size)
+
+
+# shapes that do not fill whole cluster tiles: N = 10.5 or 5.5 256-column tiles (2688: a cluster
+# "n"'s last second CTA tile wholly outside N), M past the last 256-row cluster tile by 64 rows
+# (3900: a cluster "m"'s last second CTA tile wholly outside M), M not a multiple of 8 (1001: padded
+# rows), one M tile (5: the cluster "m" peer's tile wholly outside); 3900 x 2688 gives every CTA
+# of every cluster config here at least 2 tiles (132 SMs: 66 clusters, 176 to 366 cluster tiles)
+CLUSTER_SHAPES = [(3900, 2688, 512, False, jnp.bfloat16), (1001, 1408, 384, True, jnp.float32),
+                  (5, 384, 256, True, jnp.bfloat16)]
+
+
+@pytest.mark.parametrize("name", CLUSTER)
+@pytest.mark.parametrize("m,n,k,bias,out_dtype", CLUSTER_SHAPES, ids=str)
+def test_cluster_configs_lower_on_partial_cluster_tiles(name, m, n, k, bias, out_dtype):
+    cfg = _with_epi(CONFIGS[name], out_dtype, k)
+    assert cfg.cluster_m * cfg.cluster_n == 2 * cfg.cta_m * cfg.cta_n
+    assert m % cfg.cluster_m or n % cfg.cluster_n  # a partial (or empty) CTA tile somewhere
+    assert MB.supports(m, n, k, out_dtype, cfg), cfg
+    f = jax.jit(lambda a, b, sa, sb, *r: MB.scaled_mm_block(a, b, sa, sb, r[0] if r else None, out_dtype, cfg))
+    traced = f.trace(*_abstract_args(m, n, k, bias))
+    assert traced.out_info.shape == (m, n)
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _gmem_loads(cfg, m=200, n=384, k=640, bias=True):
+    """{(dtype, shape) of the GMEM source: collective_axes} of every copy_gmem_to_smem in the kernel."""
+    from jax.extend import core as jcore
+
+    out = {}
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "copy_gmem_to_smem":
+                aval = e.invars[0].aval
+                key = (str(aval.dtype), tuple(aval.shape))
+                out.setdefault(key, set()).add(tuple(e.params["collective_axes"] or ()))
+            for v in e.params.values():
+                for x in (v if isinstance(v, (tuple, list)) else [v]):
+                    if isinstance(x, jcore.ClosedJaxpr):
+                        walk(x.jaxpr)
+                    elif isinstance(x, jcore.Jaxpr):
+                        walk(x)
+
+    cfg = MB.fit_smem(cfg, k)
+    f = lambda a, b, sa, sb, *r: MB.scaled_mm_block(a, b, sa, sb, r[0] if r else None, jnp.bfloat16, cfg)
+    walk(jax.make_jaxpr(f)(*_abstract_args(m, n, k, bias)).jaxpr)
+    return out
+
+
+@pytest.mark.parametrize("cluster", [None, "m", "n"])
+def test_cluster_multicasts_the_shared_operand(cluster):
+    # A cluster along M shares the B tile, one along N the A tile and the sa slice of its rows; the
+    # per-tile sb rows and bias are each CTA's own (plain TMA), and nothing is multicast without one.
+    m, n, k = 200, 384, 640
+    cfg = C(cluster=cluster)
+    loads = _gmem_loads(cfg, m, n, k)
+    mp = -(-m // cfg.cluster_m) * cfg.cluster_m
+    npad = -(-n // cfg.cluster_n) * cfg.cluster_n  # sb / bias padded to whole cluster tiles
+    multi = {("cluster",)}
+    assert loads[("float8_e4m3fn", (m, k))] == (multi if cluster == "n" else {()})  # A
+    assert loads[("float8_e4m3fn", (n, k))] == (multi if cluster == "m" else {()})  # B
+    assert loads[("float32", (k // 128, mp // 64, 64))] == (multi if cluster == "n" else {()})  # sa^T
+    assert loads[("float32", (npad // 128, 32))] == {()}  # sb rows
+    assert loads[("float32", (npad,))] == {()}  # bias
+    assert len(loads) == 5, loads
+
+
 def test_configs_fit_and_supports():
     for cfg in CONFIGS.values():
         assert cfg.valid() and cfg.acc_registers() <= 192
@@ -194,6 +278,21 @@ def test_configs_fit_and_supports():
     assert not C(n_acc=2).valid()  # 64 x 128 x 2: 256 registers
     assert not C(n_sub=1, n_acc=2).valid()  # one sub-tile: nothing to overlap
     assert not C(n_acc=3, wg_n=64, n_sub=2).valid()
+    # clusters: two CTA tiles side by side; any M and N (remainder tiles are left to TMA bounds)
+    assert (C(cluster="m").cluster_m, C(cluster="m").cluster_n) == (256, 256)
+    assert (C(cluster="n").cluster_m, C(cluster="n").cluster_n) == (128, 512)
+    assert (C().cluster_m, C().cluster_n, C().cluster_size) == (128, 256, 1)
+    assert C(cluster="n").cluster_size == 2 and C(cluster="n").smem_bytes(2, 4096) == C().smem_bytes(2, 4096)
+    assert not C(cluster="k").valid() and not C(cluster="M").valid()
+    for m, n, k, _, out_dtype in CLUSTER_SHAPES:
+        assert MB.supports(m, n, k, out_dtype, _with_epi(C(cluster="m", pingpong=True), out_dtype, k))
+    # delayed release: below the pipeline depth, which fit_smem does not cut below it
+    assert C(delay_release=3).valid() and not C(delay_release=4).valid() and not C(delay_release=-1).valid()
+    assert MB.fit_smem(C(stages=6, delay_release=3), 32768).stages >= 4
+    # the defaults are unchanged: no cluster, no delay, in the heuristic too
+    for shape in [(4096, 4096, 4096), (5, 256, 256), (300, 768, 1152)]:
+        h = MB.heuristic_config(*shape)
+        assert h.cluster is None and h.delay_release == 0
 
 
 def test_bad_scale_shapes_fail_loudly():
@@ -239,6 +338,18 @@ def test_pingpong_several_tiles_per_cta(name):
     qa, wq, ws, b = _problem(m, n, k, False, seed=3)
     got = _run(qa, wq, ws, b, jnp.bfloat16, MB.fit_smem(CONFIGS[name], k))
     _check(got, qa, wq, ws, b, jnp.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Mosaic block GEMM needs a Hopper GPU")
+@pytest.mark.parametrize("name", CLUSTER)
+@pytest.mark.parametrize("m,n,k,bias,out_dtype", CLUSTER_SHAPES, ids=str)
+def test_cluster_configs_on_partial_cluster_tiles(name, m, n, k, bias, out_dtype):
+    # Every cluster config where M and N do not fill whole cluster tiles (a peer CTA's tile partly
+    # or wholly outside the output still feeds the multicast), with >= 2 tiles per CTA at 3900x2688.
+    qa, wq, ws, b = _problem(m, n, k, bias, seed=4)
+    got = _run(qa, wq, ws, b, out_dtype, _with_epi(CONFIGS[name], out_dtype, k))
+    _check(got, qa, wq, ws, b, out_dtype)
 
 
 @pytest.mark.gpu
