@@ -255,7 +255,10 @@ class DecodeConfig:
     order before the epilogue. ``promote``: each K step's wgmma goes into a zeroed accumulator
     that is added to f32 registers (DeepSeek's promotion), so the tensor core's ~14-bit fp8
     accumulation spans one K step, not all of K: H100, max error / sum|a||w| at K = 8192 is
-    8.7e-6 (K step 128) against 3.2e-4 without (bench/decode_gpu.py; Triton's mma.sync: 1.4e-8)."""
+    8.7e-6 (K step 128) against 3.2e-4 without (bench/decode_gpu.py; Triton's mma.sync: 1.4e-8).
+    ``cluster`` > 1: that many CTAs, on adjacent weight tiles, load each activation tile once between
+    them by TMA multicast. Every CTA otherwise reads the whole ``[M, K]`` activation from L2 once per
+    weight tile: at M = 64 that is as many bytes as the weight itself."""
 
     tile_n: int = 64
     tile_k: int = 128
@@ -263,6 +266,7 @@ class DecodeConfig:
     split_k: int = 1
     num_wgs: int = 1
     promote: bool = False  # False: the tensor core's fast accumulator over all K; True: f32 register sums per K step
+    cluster: int = 1  # CTAs (adjacent weight tiles) per cluster sharing each activation tile by TMA multicast
 
     def smem_bytes(self, mp: int) -> int:
         return self.stages * (self.num_wgs * self.tile_n + mp) * self.tile_k + self.num_wgs * self.tile_n * mp * 4 + 4096
@@ -292,7 +296,8 @@ def decode_supports(m: int, n: int, k: int, out_dtype, cfg: DecodeConfig | None 
     cfg = cfg or decode_heuristic(m, n, k)
     mp = decode_rows(m)
     return (m <= 64 and k % (cfg.split_k * cfg.tile_k) == 0 and n % 8 == 0 and jnp.dtype(out_dtype).itemsize in (2, 4)
-            and cfg.smem_bytes(mp) <= SMEM_LIMIT)
+            and cfg.smem_bytes(mp) <= SMEM_LIMIT
+            and cfg.cluster in (1, 2, 4) and (cfg.cluster == 1 or (mp // cfg.cluster) % 8 == 0))
 
 
 def _decode_kernel(w_gmem, x_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: DecodeConfig):
@@ -301,7 +306,7 @@ def _decode_kernel(w_gmem, x_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg
 
     n, k = w_gmem.shape
     mp = decode_rows(x_gmem.shape[0])
-    tn, tk, wgs, split, pk = cfg.tile_n, cfg.tile_k, cfg.num_wgs, cfg.split_k, cfg.promote
+    tn, tk, wgs, split, pk, c = cfg.tile_n, cfg.tile_k, cfg.num_wgs, cfg.split_k, cfg.promote, cfg.cluster
     cta_n = wgs * tn
     k_per = k // split
     swizzle = plgpu.find_swizzle(tk * 8)
@@ -310,7 +315,7 @@ def _decode_kernel(w_gmem, x_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg
     size = jnp.dtype(out_dtype).itemsize
     out_swizzle = plgpu.find_swizzle(mp * size * 8)
     out_transforms = (plgpu.TilingTransform((8, out_swizzle // size)), plgpu.SwizzleTransform(out_swizzle))
-    n_iters = cdiv(n, cta_n)
+    n_groups = cdiv(cdiv(n, cta_n), c)  # groups of c adjacent weight tiles (the CTAs of a cluster)
     has_vecs = split == 1
     nv = (3 if bias_gmem is not None else 2) if has_vecs else 0
 
@@ -319,7 +324,8 @@ def _decode_kernel(w_gmem, x_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg
             body, grid=(k_per // tk,), memory_registers=40,
             in_specs=[plgpu.BlockSpec((cta_n, tk), lambda ki: (0, ki), transforms=transforms,
                                       memory_space=plgpu.SMEM),
-                      plgpu.BlockSpec((mp, tk), lambda ki: (0, ki), transforms=transforms, memory_space=plgpu.SMEM)],
+                      plgpu.BlockSpec((mp, tk), lambda ki: (0, ki), transforms=transforms, memory_space=plgpu.SMEM,
+                                      collective_axes=("cluster",) if c > 1 else ())],
             wg_axis="wg", num_compute_wgs=wgs, max_concurrent_steps=cfg.stages, compute_context=compute_context)
 
     ignore = lambda *_, **__: None  # allocations do not depend on the bodies
@@ -333,10 +339,12 @@ def _decode_kernel(w_gmem, x_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg
     def _scope(allocs, out_smem, sa_smem, sb_smem, bars):
         wg = lax.axis_index("wg")
 
-        @plgpu.nd_loop((n_iters * split,), collective_axes="sm")
+        @plgpu.nd_loop((n_groups * split,), collective_axes="sm")
         def _tiles(info):
             (lin,) = info.index
             ni, s = lin // split, lin % split
+            if c > 1:  # this CTA's tile of the group (past N for the last group's extra CTAs: TMA clips them)
+                ni = ni * c + lax.axis_index("cluster")
             n0 = ni * cta_n + wg * tn  # this warpgroup's first weight row
 
             def compute_context(run):
@@ -401,13 +409,14 @@ def scaled_mm_decode(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array, b
     mp = decode_rows(m)  # rows past M: TMA zero-fills them on load, so no padded copy of the activation,
     if m > 8 and m % 8:  # except that a TMA descriptor's rows must be fewer than 8 or a multiple of 8
         a = jnp.pad(a, ((0, cdiv(m, 8) * 8 - m), (0, 0)))
-    np_ = cdiv(n, cfg.num_wgs * cfg.tile_n) * cfg.num_wgs * cfg.tile_n
+    np_ = cdiv(n, cfg.cluster * cfg.num_wgs * cfg.tile_n) * cfg.cluster * cfg.num_wgs * cfg.tile_n
     sa = _pad(jnp.broadcast_to(sa.astype(F32).reshape(-1), (m,)), mp)
     sb = _pad(jnp.broadcast_to(sb.astype(F32).reshape(-1), (n,)), np_)
     split = cfg.split_k
     args = [b, a, sa, sb] + ([_pad(bias.astype(F32), np_)] if bias is not None and split == 1 else [])
-    units = cdiv(n, cfg.num_wgs * cfg.tile_n) * split
-    grid = min(getattr(jax.devices()[0], "core_count", 132), units)
+    c = cfg.cluster
+    units = cdiv(cdiv(n, cfg.num_wgs * cfg.tile_n), c) * split  # work items per cluster
+    grid = min(getattr(jax.devices()[0], "core_count", 132) // c, units)
 
     def body(w_gmem, x_gmem, sa_gmem, sb_gmem, *rest):
         bias_gmem = rest[0] if len(rest) == 2 else None
@@ -415,7 +424,8 @@ def scaled_mm_decode(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array, b
 
     shape = (n, mp) if split == 1 else (split, n, mp)
     f = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(shape, out_dtype if split == 1 else F32), grid=(grid,),
-                     grid_names=("sm",), num_threads=cfg.num_wgs + 1, thread_name="wg",
+                     grid_names=("sm",), cluster=(c,) if c > 1 else (), cluster_names=("cluster",) if c > 1 else (),
+                     num_threads=cfg.num_wgs + 1, thread_name="wg",
                      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     out = f(*args)
     if split == 1:

@@ -67,3 +67,58 @@ def test_configs_match_references(name, m, n, k, bias):
     assert MG.supports(m, n, k, jnp.bfloat16, cfg)
     got = C.scaled_mm(qa, wq, ws, bias=b, input_quant_key=akey, backend="mosaic", config=cfg)
     _check(got, qa, wq, ws, wk, b, None, fast_accum=True)
+
+
+# ------------------------------------------------------------------ the swap-AB decode kernel's clusters
+D = MG.DecodeConfig
+DECODE_CONFIGS = {
+    "cluster2": D(tile_k=256, stages=4, promote=True, cluster=2),
+    "cluster2_wgs2_split2": D(tile_k=128, stages=6, promote=True, cluster=2, num_wgs=2, split_k=2),
+    "cluster4": D(tile_k=256, stages=4, promote=True, cluster=4),
+    "cluster2_fast": D(cluster=2),
+}
+
+
+def _lower_decode(m, n, k, bias, cfg):
+    S = jax.ShapeDtypeStruct
+    args = [S((m, k), jnp.float8_e4m3fn), S((n, k), jnp.float8_e4m3fn), S((m,), jnp.float32), S((n,), jnp.float32)]
+    if bias:
+        args.append(S((n,), jnp.float32))
+    f = jax.jit(lambda a, b, sa, sb, *r: MG.scaled_mm_decode(a, b, sa, sb, r[0] if r else None, jnp.bfloat16, cfg))
+    traced = f.trace(*args)
+    assert traced.out_info.shape == (m, n)
+    return traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("name", list(DECODE_CONFIGS))
+@pytest.mark.parametrize("m,n,k,bias", [(64, 8192, 8192, False), (37, 1096, 1024, True)], ids=str)
+def test_decode_kernel_traces_and_lowers_for_cuda(name, m, n, k, bias):
+    cfg = DECODE_CONFIGS[name]
+    if not MG.decode_supports(m, n, k, jnp.bfloat16, cfg):  # test_decode_cluster_needs_whole_row_slices
+        assert MG.decode_rows(m) // cfg.cluster % 8, cfg
+        pytest.skip(f"{cfg} does not take M={m}")
+    assert "mosaic_gpu" in _lower_decode(m, n, k, bias, cfg)
+
+
+def test_decode_cluster_needs_whole_row_slices():
+    # each CTA of a cluster loads mp / cluster activation rows, in whole 8-row TMA tiles
+    assert not MG.decode_supports(16, 1024, 1024, jnp.bfloat16, D(cluster=4))
+    assert not MG.decode_supports(16, 1024, 1024, jnp.bfloat16, D(cluster=3))
+    assert MG.decode_supports(16, 1024, 1024, jnp.bfloat16, D(cluster=2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Mosaic decode GEMM needs a Hopper GPU")
+@pytest.mark.parametrize("name", list(DECODE_CONFIGS))
+@pytest.mark.parametrize("m,n,k,bias", [(64, 8200, 1024, True), (37, 1096, 1024, False), (9, 17960, 512, True)],
+                         ids=str)
+def test_decode_configs_match_references(name, m, n, k, bias):
+    # N not a multiple of the cluster's tiles (the last cluster's second CTA lies past N); 17960 / 64 = 281
+    # tiles over 66 clusters: several per CTA; M = 9 only fits clusters of 2 (16 rows)
+    cfg = DECODE_CONFIGS[name]
+    if not MG.decode_supports(m, n, k, jnp.bfloat16, cfg):
+        pytest.skip(f"{cfg} does not take M={m}")
+    akey, wmode = CASES[0]
+    qa, wq, ws, wk, b = _problem(m, n, k, akey, wmode, bias)
+    got = C.scaled_mm(qa, wq, ws, bias=b, input_quant_key=akey, backend="mosaic", config=cfg)
+    _check(got, qa, wq, ws, wk, b, None, fast_accum=True)

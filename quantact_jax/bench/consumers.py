@@ -3,7 +3,9 @@ weights and the bf16 GEMM, side by side in one process. TFLOP/s = 2*M*N*K / time
 
 Decode rows (M <= 64) are device time, the summed kernel durations of a call (CUPTI through torch's
 profiler; the lent H100's host spends ~50 us dispatching each JAX call, more than the kernels take);
-the large shapes are back-to-back wall time, where dispatch hides behind the kernels.
+the large shapes are back-to-back wall time, where dispatch hides behind the kernels, with every
+method's repeats taken in turn (``time_interleaved``: the H100 runs fp8 GEMMs at its power limit,
+and separate measurements of one kernel a few seconds apart differed by up to ~10%).
 
 Usage: python -m quantact_jax.bench.consumers --out results.json [--configs]
 """
@@ -26,25 +28,24 @@ from interop.keys import kFp8Dynamic128Sym, kFp8DynamicTensorSym, kFp8DynamicTok
 from quantact_jax import consumers as C  # noqa: E402
 from quantact_jax import mosaic_gemm as MG  # noqa: E402
 from quantact_jax import producers as P  # noqa: E402
-from quantact_jax.bench.producers import device_us, time_jax, time_torch  # noqa: E402
+from quantact_jax.bench.producers import device_us, jax_runner, time_interleaved, torch_runner  # noqa: E402
 
 SHAPES = [(4096, 4096, 4096), (8192, 8192, 8192), (4096, 28672, 4096), (4096, 4096, 14336),
           (1, 8192, 8192), (16, 8192, 8192), (64, 8192, 8192)]
 
 
 M = MG.MosaicConfig
-# --configs: the Mosaic GEMM's schedules (delayed release, 2-CTA multicast clusters) and tile orders
-MOSAIC_SWEEP = [M(), M(delay_release=1), M(cluster="m"), M(cluster="n"), M(cluster="m", delay_release=1),
-                M(cluster="n", delay_release=1), M(stages=4, epi_tile_n=32, delay_release=1),
-                M(tile_k=64, stages=6, delay_release=1), M(tile_k=64, stages=6, delay_release=2, cluster="m"),
-                M(cluster="m", grid_tile_width=4), M(cluster="m", grid_tile_width=16), M(cluster="n", grid_minor_n=True),
-                M(grid_tile_width=16), M(grid_minor_n=True)]
-D = MG.DecodeConfig  # the swap-AB decode kernel (M <= 64)
-DECODE_SWEEP = [D(tile_n=64, tile_k=tk, stages=st, split_k=sk, num_wgs=w, promote=True)
-                for tk, st in ((256, 4), (256, 5), (128, 8)) for w in (1, 2) for sk in (1, 2)]
+# --configs: the Mosaic GEMM's tile orders and schedules (2-CTA multicast clusters, delayed release)
+MOSAIC_SWEEP = [M(), M(grid_tile_width=4), M(grid_tile_width=16), M(grid_minor_n=True),
+                M(grid_minor_n=True, grid_tile_width=16), M(cluster="m", grid_tile_width=4), M(cluster="m"),
+                M(cluster="m", grid_tile_width=16), M(cluster="n"), M(cluster="n", grid_minor_n=True),
+                M(delay_release=1)]
+D = MG.DecodeConfig  # the swap-AB decode kernel (M <= 64), promoted; clusters share the activation tile
+DECODE_SWEEP = [D(tile_k=tk, stages=st, split_k=sk, num_wgs=w, promote=True, cluster=c)
+                for tk, st in ((256, 4), (128, 8)) for w in (1, 2) for sk in (1, 2) for c in (1, 2, 4)]
 
 
-def _device_s(fn, args, iters: int = 20, reps: int = 0) -> float:  # noqa: ARG001  (time_jax's signature)
+def _device_s(fn, args) -> float:
     """Device time (s) per call: see the module docstring."""
     return device_us(fn, args) * 1e-6
 
@@ -67,35 +68,42 @@ def main() -> int:
                torch=torch.__version__, cases=[])
     for m, n, k in shapes:
         flops = 2 * m * n * k
-        tj, tt = (_device_s, _device_s) if m <= 64 else (time_jax, time_torch)
         xt = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         wt = (torch.randn(n, k, device=dev) * 0.05)
         w8 = (wt / (wt.abs().amax(1, keepdim=True) / 448)).to(torch.float8_e4m3fn)  # [N, K]
         sw = (wt.abs().amax(1, keepdim=True) / 448).float()  # [N, 1]
         x = to_jax(xt)
         wj, swj = to_jax(w8), to_jax(sw)
-        row = dict(shape=[m, n, k])
         lean = args.configs and args.sweep_only
+        blocks = k % 128 == 0 and n % 128 == 0
+        jax_fns: dict[str, tuple] = {}  # name -> (fn, args): every method, timed together below
         # ours, pre-quantized activations (the consumer alone)
         for name, key, ws in (("token_x_channel", kFp8DynamicTokenSym, swj),
                               ("tensor_x_tensor", kFp8DynamicTensorSym, swj.max().reshape(1))):
-            qa = P.quantize(x, key)
-            f = jax.jit(lambda qa, w, s, key=key: C.scaled_mm(qa, w, s, input_quant_key=key))
-            t = tj(f, (qa, wj, ws), iters=20)
-            row[f"quantact_{name}_us"] = t * 1e6
-            row[f"quantact_{name}_tflops"] = flops / t / 1e12
+            jax_fns[f"quantact_{name}"] = (jax.jit(lambda qa, w, s, key=key: C.scaled_mm(qa, w, s, input_quant_key=key)),
+                                           (P.quantize(x, key), wj, ws))
+        qa = P.quantize(x, kFp8DynamicTokenSym)
         if m >= 4096 and not lean:  # the Triton kernel alone, for the record
-            qa = P.quantize(x, kFp8DynamicTokenSym)
-            f = jax.jit(lambda qa, w, s: C.scaled_mm(qa, w, s, input_quant_key=kFp8DynamicTokenSym, backend="triton"))
-            t = tj(f, (qa, wj, swj), iters=10)
-            row["quantact_triton_token_x_channel_tflops"] = flops / t / 1e12
-        if k % 128 == 0 and n % 128 == 0 and not lean:
-            qa = P.quantize(x, kFp8Dynamic128Sym)
+            jax_fns["quantact_triton_token_x_channel"] = (jax.jit(lambda qa, w, s: C.scaled_mm(
+                qa, w, s, input_quant_key=kFp8DynamicTokenSym, backend="triton")), (qa, wj, swj))
+        if blocks and not lean:
             sb = jnp.ones((n // 128, k // 128), jnp.float32) * 0.01
-            f = jax.jit(lambda qa, w, s: C.scaled_mm(qa, w, s, input_quant_key=kFp8Dynamic128Sym))
-            t = tj(f, (qa, wj, sb), iters=20)
-            row["quantact_block128_us"] = t * 1e6
-            row["quantact_block128_tflops"] = flops / t / 1e12
+            jax_fns["quantact_block128"] = (jax.jit(lambda qa, w, s: C.scaled_mm(qa, w, s, input_quant_key=kFp8Dynamic128Sym)),
+                                            (P.quantize(x, kFp8Dynamic128Sym), wj, sb))
+        if not lean:
+            xla = jax.jit(lambda a, sa, w, sw: (jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())),
+                                                                    preferred_element_type=jnp.float32)
+                                                * sw.reshape(1, -1) * sa).astype(jnp.bfloat16))
+            jax_fns["xla_fp8_dot"] = (xla, (qa.data, qa.scale, wj, swj))
+        sweep_names = {}
+        if args.configs:
+            for cfg in MOSAIC_SWEEP if m > 64 else DECODE_SWEEP:
+                name = str(dataclasses.astuple(cfg))
+                if not (MG.supports(m, n, k, jnp.bfloat16, cfg) if m > 64 else MG.decode_supports(m, n, k, jnp.bfloat16, cfg)):
+                    continue
+                sweep_names[f"cfg {name}"] = name
+                jax_fns[f"cfg {name}"] = (jax.jit(lambda qa, w, s, cfg=cfg: C.scaled_mm(
+                    qa, w, s, input_quant_key=kFp8DynamicTokenSym, config=cfg, backend="mosaic")), (qa, wj, swj))
         # cuBLASLt through torch._scaled_mm (b = w8.T is column-major, as cuBLASLt wants)
         x8 = (xt.float() / (xt.float().abs().amax(1, keepdim=True) / 448)).to(torch.float8_e4m3fn)
         sx = (xt.float().abs().amax(1, keepdim=True) / 448).float()
@@ -112,40 +120,37 @@ def main() -> int:
         }
         if lean:
             peers = {"cublas_rowwise": peers["cublas_rowwise"]}
-        elif k % 128 == 0 and n % 128 == 0:
+        elif blocks:
             sa_blk = torch.ones(k // 128, m, device=dev).t()  # [M, K/128], M-major as cuBLASLt wants
             sb_blk = torch.ones(n // 128, k // 128, device=dev) * 0.01
             peers["cublas_block128"] = lambda: torch._scaled_mm(x8, w8.t(), scale_a=sa_blk, scale_b=sb_blk.t(),
                                                                 out_dtype=torch.bfloat16)
-        for name, fn in peers.items():
-            try:
-                t = tt(fn, (), iters=20)
+        row: dict = dict(shape=[m, n, k], timing="device" if m <= 64 else "interleaved wall")
+        times: dict[str, float] = {}
+        if m <= 64:  # device time, one method after the other (module docstring)
+            for name, (fn, fargs) in [*jax_fns.items(), *((nm, (fn, ())) for nm, fn in peers.items())]:
+                try:
+                    times[name] = _device_s(fn, fargs)
+                except Exception as e:  # e.g. a config this problem does not fit, or no block scaling in cuBLASLt
+                    row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+        else:
+            runners = {}
+            for name, make, fn, fargs in [*((nm, jax_runner, f, a) for nm, (f, a) in jax_fns.items()),
+                                          *((nm, torch_runner, f, ()) for nm, f in peers.items())]:
+                try:
+                    runners[name] = make(fn, fargs)
+                except Exception as e:
+                    row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+            times = time_interleaved(runners)
+        for name, t in times.items():
+            if name in sweep_names:
+                row.setdefault("config_sweep_us", {})[sweep_names[name]] = t * 1e6
+            else:
                 row[f"{name}_us"] = t * 1e6
                 row[f"{name}_tflops"] = flops / t / 1e12
-            except Exception as e:  # e.g. block scaling unsupported by this torch/cuBLASLt
-                row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
-        xq = P.quantize(x, kFp8DynamicTokenSym)
-        xla = None if lean else jax.jit(lambda a, sa, w, sw: (jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())),
-                                                                preferred_element_type=jnp.float32)
-                                            * sw.reshape(1, -1) * sa).astype(jnp.bfloat16))
-        if xla is not None:
-            t = tj(xla, (xq.data, xq.scale, wj, swj), iters=20)
-            row["xla_fp8_dot_us"] = t * 1e6
-            row["xla_fp8_dot_tflops"] = flops / t / 1e12
-        if args.configs:
-            cfgs = MOSAIC_SWEEP if m > 64 else DECODE_SWEEP
-            sweep = {}
-            qa = P.quantize(x, kFp8DynamicTokenSym)
-            for cfg in cfgs:
-                f = jax.jit(lambda qa, w, s, cfg=cfg: C.scaled_mm(
-                    qa, w, s, input_quant_key=kFp8DynamicTokenSym, config=cfg, backend="mosaic"))
-                try:
-                    sweep[str(dataclasses.astuple(cfg))] = tj(f, (qa, wj, swj), iters=10, reps=3) * 1e6
-                except Exception as e:
-                    sweep[str(dataclasses.astuple(cfg))] = f"error {type(e).__name__}: {str(e)[:80]}"
-            best = min((v, c) for c, v in sweep.items() if isinstance(v, float))
+        if row.get("config_sweep_us"):
+            best = min((v, c) for c, v in row["config_sweep_us"].items())
             print(f"  sweep {m}x{n}x{k}: best {best[1]} {best[0]:.1f} us", flush=True)
-            row["config_sweep_us"] = sweep
         res["cases"].append(row)
         print(json.dumps(row), flush=True)
     cols = [("ours tok", "quantact_token_x_channel"), ("ours tens", "quantact_tensor_x_tensor"),

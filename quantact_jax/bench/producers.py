@@ -52,9 +52,8 @@ def _timed_reps(run, sync, iters: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def time_jax(fn, args, iters=50, reps=5) -> float:
-    """Median over ``reps`` of the mean time (s) of ``iters`` (at least MIN_REP_S worth of)
-    back-to-back async calls, after a WARMUP_S warm-up."""
+def jax_runner(fn, args) -> tuple[Callable[[int], float], Callable[[], Any]]:
+    """``(run, sync)``: ``run(n)`` times n back-to-back async JAX calls (s, wall clock to the last result)."""
     out = [fn(*args)]
     jax.block_until_ready(out[0])
 
@@ -65,11 +64,11 @@ def time_jax(fn, args, iters=50, reps=5) -> float:
         jax.block_until_ready(out[0])
         return time.perf_counter() - t0
 
-    return _timed_reps(run, lambda: jax.block_until_ready(out[0]), iters, reps)
+    return run, lambda: jax.block_until_ready(out[0])
 
 
-def time_torch(fn, args, iters=50, reps=5) -> float:
-    """As :func:`time_jax`, for torch work, timed with CUDA events on the current stream."""
+def torch_runner(fn, args) -> tuple[Callable[[int], float], Callable[[], Any]]:
+    """As :func:`jax_runner`, for torch work, timed with CUDA events on the current stream."""
     import torch
 
     fn(*args)
@@ -84,7 +83,40 @@ def time_torch(fn, args, iters=50, reps=5) -> float:
         torch.cuda.synchronize()
         return start.elapsed_time(end) / 1e3
 
-    return _timed_reps(run, torch.cuda.synchronize, iters, reps)
+    return run, torch.cuda.synchronize
+
+
+def time_jax(fn, args, iters=50, reps=5) -> float:
+    """Median over ``reps`` of the mean time (s) of ``iters`` (at least MIN_REP_S worth of)
+    back-to-back async calls, after a WARMUP_S warm-up."""
+    return _timed_reps(*jax_runner(fn, args), iters, reps)
+
+
+def time_torch(fn, args, iters=50, reps=5) -> float:
+    """As :func:`time_jax`, for torch work, timed with CUDA events on the current stream."""
+    return _timed_reps(*torch_runner(fn, args), iters, reps)
+
+
+def time_interleaved(runners: dict[str, tuple[Callable[[int], float], Callable[[], Any]]], reps: int = 7,
+                     iters: int = 10) -> dict[str, float]:
+    """Median per-call time (s) of each ``(run, sync)`` runner, the runners' repeats taken in turn
+    (a, b, c, a, b, c, ...) so that each sees the same GPU clock and temperature history: an fp8
+    GEMM at full load runs the H100 at its power limit, where back-to-back measurements of one
+    kernel taken a few seconds apart differ by up to ~10% (session 5). Ratios between runners are
+    then far steadier than separate measurements."""
+    sized = {}
+    for name, (run, sync) in runners.items():  # warm up and size each repeat (as _timed_reps)
+        t_end, n_warm, t0 = time.perf_counter() + WARMUP_S, 0, time.perf_counter()
+        while time.perf_counter() < t_end or n_warm < 3:
+            run(1)
+            sync()
+            n_warm += 1
+        sized[name] = max(iters, int(MIN_REP_S / max((time.perf_counter() - t0) / n_warm, 1e-7)))
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(reps):
+        for name, (run, _sync) in runners.items():
+            times[name].append(run(sized[name]) / sized[name])
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 # Device time of a call: the summed duration of the GPU kernels it launches, read through torch's
