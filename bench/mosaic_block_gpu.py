@@ -33,7 +33,7 @@ from interop.keys import kFp8Dynamic128Sym  # noqa: E402
 from quantact_jax import consumers as C  # noqa: E402
 from quantact_jax import mosaic_block_gemm as MB  # noqa: E402
 from quantact_jax import producers as P  # noqa: E402
-from quantact_jax.bench.producers import time_jax, time_torch  # noqa: E402
+from quantact_jax.bench.producers import jax_runner, time_interleaved, torch_runner  # noqa: E402
 
 SHAPES = [(4096, 4096, 4096), (4096, 28672, 4096), (4096, 4096, 14336)]
 CHECK_SHAPES = [(200, 384, 640), (5, 256, 256), (1031, 1536, 1024), (4096, 4096, 4096)]
@@ -120,7 +120,6 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="time the heuristic config and SCHEDULES only")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--iters", type=int, default=20)
     args = ap.parse_args()
     if jax.default_backend() != "gpu":
         print("no GPU: this benchmark needs a Hopper GPU")
@@ -152,44 +151,48 @@ def main() -> int:
         w8, sb = to_jax(w8t), to_jax(sbt.contiguous())
         row = dict(shape=[m, n, k], sweep={})
         cfgs = [MB.heuristic_config(m, n, k)] + [MB.fit_smem(c, k) for c in configs]
-        seen = set()
+        runners = {}  # every config and peer, timed together (time_interleaved: same GPU clocks)
         for cfg in cfgs:
             key = str(dataclasses.astuple(cfg))
-            if key in seen:
+            if key in runners or key in row["sweep"]:
                 continue
-            seen.add(key)
             f = jax.jit(lambda a, b, sa, sb, cfg=cfg: MB.scaled_mm_block(a, b, sa, sb, None, jnp.bfloat16, cfg))
             try:
-                t = time_jax(f, (a8, w8, sa, sb), iters=args.iters)
-                row["sweep"][key] = dict(us=t * 1e6, tflops=flops / t / 1e12)
+                runners[key] = jax_runner(f, (a8, w8, sa, sb))
             except Exception as e:
                 row["sweep"][key] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-            print(f"  {m}x{n}x{k} {key}: {row['sweep'][key]}", flush=True)
-        good = [(v["tflops"], c) for c, v in row["sweep"].items() if "tflops" in v]
-        if good:
-            row["mosaic_block_best_tflops"], row["mosaic_block_best_cfg"] = max(good)
-            heur = row["sweep"].get(str(dataclasses.astuple(cfgs[0])), {})
-            row["mosaic_block_heuristic_tflops"] = heur.get("tflops", float("nan"))
-        # Triton block-scaled consumer (today's path)
-        try:
-            f = jax.jit(lambda qa, w, s: C.scaled_mm(qa, w, s, input_quant_key=kFp8Dynamic128Sym, backend="triton"))
-            t = time_jax(f, (qa, w8, sb), iters=max(5, args.iters // 2))
-            row["triton_block_tflops"] = flops / t / 1e12
+        try:  # the Triton block-scaled consumer
+            runners["triton"] = jax_runner(jax.jit(lambda qa, w, s: C.scaled_mm(
+                qa, w, s, input_quant_key=kFp8Dynamic128Sym, backend="triton")), (qa, w8, sb))
         except Exception as e:
             row["triton_block_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         # cuBLASLt block-scaled: scale_a [M, K/128] M-major, scale_b [K/128, N/128] (= sb.T)
         x8t = to_torch(a8)
         sat = to_torch(sa).t().contiguous().t()
+        fn = lambda: torch._scaled_mm(x8t, w8t.t(), scale_a=sat, scale_b=sbt.t(), out_dtype=torch.bfloat16)
         try:
-            fn = lambda: torch._scaled_mm(x8t, w8t.t(), scale_a=sat, scale_b=sbt.t(), out_dtype=torch.bfloat16)
-            t = time_torch(fn, (), iters=args.iters)
-            row["cublas_block128_tflops"] = flops / t / 1e12
+            runners["cublas"] = torch_runner(fn, ())
             # same problem, same answer? (norm-wise; both use fast per-block promotion)
             ours = np.asarray(MB.scaled_mm_block(a8, w8, sa, sb, None, jnp.bfloat16), np.float32)
             theirs = fn().float().cpu().numpy()
             row["rel_diff_vs_cublas"] = float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
         except Exception as e:
             row["cublas_block128_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        row["gpu_state"] = {}
+        times = time_interleaved(runners, state=row["gpu_state"])
+        for key, t in times.items():
+            if key == "triton":
+                row["triton_block_tflops"] = flops / t / 1e12
+            elif key == "cublas":
+                row["cublas_block128_tflops"] = flops / t / 1e12
+            else:
+                row["sweep"][key] = dict(us=t * 1e6, tflops=flops / t / 1e12)
+                print(f"  {m}x{n}x{k} {key}: {row['sweep'][key]}", flush=True)
+        good = [(v["tflops"], c) for c, v in row["sweep"].items() if "tflops" in v]
+        if good:
+            row["mosaic_block_best_tflops"], row["mosaic_block_best_cfg"] = max(good)
+            heur = row["sweep"].get(str(dataclasses.astuple(cfgs[0])), {})
+            row["mosaic_block_heuristic_tflops"] = heur.get("tflops", float("nan"))
         if "cublas_block128_tflops" in row and "mosaic_block_best_tflops" in row:
             row["best_vs_cublas"] = row["mosaic_block_best_tflops"] / row["cublas_block128_tflops"]
         res["cases"].append(row)

@@ -141,7 +141,8 @@ def main() -> int:
                     runners[name] = make(fn, fargs)
                 except Exception as e:
                     row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
-            times = time_interleaved(runners)
+            row["gpu_state"] = {}
+            times = time_interleaved(runners, state=row["gpu_state"])
         for name, t in times.items():
             if name in sweep_names:
                 row.setdefault("config_sweep_us", {})[sweep_names[name]] = t * 1e6

@@ -97,13 +97,27 @@ def time_torch(fn, args, iters=50, reps=5) -> float:
     return _timed_reps(*torch_runner(fn, args), iters, reps)
 
 
+def gpu_state(index: int = 0) -> dict[str, float]:
+    """SM clock (MHz), power (W) and temperature (C) of a GPU now, from nvidia-smi ({} where it fails)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "-i", str(index), "--query-gpu=clocks.sm,power.draw,temperature.gpu",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5).stdout
+        clock, power, temp = (float(v) for v in out.strip().split(","))
+        return dict(sm_mhz=clock, power_w=power, temp_c=temp)
+    except Exception:  # no nvidia-smi, or an unexpected format: the timing does not depend on it
+        return {}
+
+
 def time_interleaved(runners: dict[str, tuple[Callable[[int], float], Callable[[], Any]]], reps: int = 7,
-                     iters: int = 10) -> dict[str, float]:
+                     iters: int = 10, state: dict[str, dict[str, float]] | None = None) -> dict[str, float]:
     """Median per-call time (s) of each ``(run, sync)`` runner, the runners' repeats taken in turn
     (a, b, c, a, b, c, ...) so that each sees the same GPU clock and temperature history: an fp8
     GEMM at full load runs the H100 at its power limit, where back-to-back measurements of one
     kernel taken a few seconds apart differ by up to ~10% (session 5). Ratios between runners are
-    then far steadier than separate measurements."""
+    then far steadier than separate measurements. ``state``: filled with each runner's median
+    :func:`gpu_state` read right after its repeats (whether the card ran at its power limit)."""
     sized = {}
     for name, (run, sync) in runners.items():  # warm up and size each repeat (as _timed_reps)
         t_end, n_warm, t0 = time.perf_counter() + WARMUP_S, 0, time.perf_counter()
@@ -113,9 +127,16 @@ def time_interleaved(runners: dict[str, tuple[Callable[[int], float], Callable[[
             n_warm += 1
         sized[name] = max(iters, int(MIN_REP_S / max((time.perf_counter() - t0) / n_warm, 1e-7)))
     times: dict[str, list[float]] = {name: [] for name in runners}
+    seen: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
     for _ in range(reps):
         for name, (run, _sync) in runners.items():
             times[name].append(run(sized[name]) / sized[name])
+            if state is not None:
+                seen[name].append(gpu_state())
+    if state is not None:
+        for name, samples in seen.items():
+            state[name] = {k: statistics.median(s_[k] for s_ in samples) for k in (samples[0] if samples else {})
+                           if all(k in s_ for s_ in samples)}
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
