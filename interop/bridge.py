@@ -82,7 +82,8 @@ class BridgeCopyWarning(UserWarning):
 
 
 __all__ = ["to_jax", "to_torch", "BRIDGE_DTYPES", "BridgeCopyWarning", "BridgeError", "buffer_pointer",
-           "is_compact", "tensors_to_jax", "arrays_to_torch", "set_lean_dlpack", "lean_dlpack_status"]
+           "is_compact", "tensors_to_jax", "arrays_to_torch", "set_lean_dlpack", "lean_dlpack_status",
+           "lean_endpoints", "lean_api", "import_stream", "export_stream"]
 
 
 # ---- helpers ----------------------------------------------------------------------------
@@ -479,6 +480,37 @@ def _probe(device: Any) -> _Endpoint | None:
     except Exception as e:  # noqa: BLE001 -- a private API that changed: fall back, say why
         _lean_state["reason"] = f"lean DLPack probe on {device} failed ({type(e).__name__}: {e})"
         return None
+
+
+# ---- the lean path's pieces, for callers that cross the same tensors on every call (the torch ops) ----
+#
+# ``tensors_to_jax(checked=True)`` / ``arrays_to_torch(checked=True)`` are these pieces behind a generic
+# signature (a tuple of tensors, ``None`` entries, keyword arguments). A caller whose arguments were
+# validated once per metadata (the torch ops' plans: dtype, device, contiguity) may call the pieces
+# itself, as ``tensors_to_jax`` does:
+#
+#     ep = lean_endpoints.get(device)          # None: not probed yet, or the lean path is off there
+#     imp, exp, t2d, d2t = lean_api()          # non-None wherever an endpoint exists
+#     s = import_stream(ep, device) if ep.cuda else None
+#     a = imp(t2d(t), ep.jax_device, s, False, ep.dl_type)    # the first tensor carries s, the others None
+#     ...                                      # (joint=True); any exception: use tensors_to_jax instead
+#     t = d2t(exp(a, export_stream(ep) if ep.cuda else None))
+#
+#: torch.device -> verified ``_Endpoint`` (or None): read-only outside this module.
+lean_endpoints = _endpoints
+
+
+def lean_api() -> _LeanAPI:
+    """(jaxlib import, jaxlib export, torch to_dlpack, torch from_dlpack): read per call, so that a
+    replaced API (tests) is seen; valid wherever :data:`lean_endpoints` holds an endpoint."""
+    return _lean_state["api"]
+
+
+#: ``import_stream(ep, device)``: the ready stream of a call's first lean import on a CUDA endpoint
+#: (``None``: import as ready; see :func:`tensors_to_jax`).
+import_stream = _import_stream
+#: ``export_stream(ep)``: the stream value of a lean export on a CUDA endpoint (torch's current stream).
+export_stream = _current_stream_ptr
 
 
 def _endpoint(device: Any) -> _Endpoint | None:

@@ -22,7 +22,11 @@ Per-call host cost
     type, shape, dtype, device and contiguity of every tensor argument): the first call with that
     metadata runs the checks (which read nothing else), finds the jitted function and the output
     shape; later calls only check the per-call state (CUDA graph capture, the current device).
-    ``clear_plan_cache()`` drops them. On CUDA the torch -> JAX stream wait and the exports read
+    ``scaled_mm`` given an activation whose ``quant_key`` is the key object passed also finds its plan
+    by the activation's metadata (``_mm_known_plan``), skipping ``as_quantized_activation``, whose
+    checks read only that metadata. ``clear_plan_cache()`` drops them. Where the bridge's lean DLPack
+    path is verified for the device, ``_call`` makes its jaxlib/torch calls itself (the plan did the
+    checks ``tensors_to_jax`` would repeat) and falls back to ``tensors_to_jax`` on any import error. On CUDA the torch -> JAX stream wait and the exports read
     torch's current stream through ``torch._C`` and reuse one event per device and thread
     (:mod:`interop.bridge`). ``bench/torch_ops_gpu.py`` splits one call into these steps.
 
@@ -80,7 +84,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from interop.bridge import arrays_to_torch, tensors_to_jax
+from interop.bridge import arrays_to_torch, export_stream, import_stream, lean_api, lean_endpoints, tensors_to_jax
 from interop.dtypes import canonical_dtype, torch_dtype
 from interop.errors import BridgeError, QuantLayoutError
 from interop.keys import (
@@ -92,6 +96,7 @@ from interop.keys import (
 from interop.layers import resolve_input_quant
 from interop.layout import check_k_divisible, data_storage, scale_storage_shape
 from quantact_torch.activation import (
+    _COL_LAYOUTS,
     QuantizedActivation,
     as_quantized_activation,
     scale_from_storage,
@@ -300,12 +305,53 @@ def _call(plan: _Plan, x: Tensor, args: tuple[Tensor | None, ...]) -> tuple:
     copy is an error) and the outputs are the executable's own buffers.
 
     ``args[i]`` for ``i`` in ``plan.cached`` (weights, weight scales, bias, static scales) are looked
-    up in the view cache first. All tensors of the call are imported in one
-    ``tensors_to_jax(joint=True)`` with ``x`` first: on CUDA JAX's stream waits for torch's current
-    stream once, through ``x``'s ready event, and the executable waits for ``x`` like for all its
-    inputs, so every tensor -- including weights imported by an earlier call -- is read after the
-    torch work queued before this call. The outputs come back through ``arrays_to_torch``: torch's
-    current stream waits for each of them."""
+    up in the view cache first. The tensors cross as ``tensors_to_jax(joint=True)`` would cross them,
+    with ``x`` first: on CUDA JAX's stream waits for torch's current stream once, through ``x``'s
+    ready event, and the executable waits for ``x`` like for all its inputs, so every tensor --
+    including weights imported by an earlier call -- is read after the torch work queued before this
+    call. The outputs come back as ``arrays_to_torch`` brings them: torch's current stream waits for
+    each of them. Where the bridge's lean path is verified for the device, the call makes the
+    bridge's lean calls itself (:data:`interop.bridge.lean_endpoints`: the op's plan already checked
+    what ``tensors_to_jax`` checks, and the generic loops cost microseconds per call); any import
+    error there (e.g. an unaligned CPU buffer) reruns the crossing through ``tensors_to_jax``, which
+    copies, warns or raises as documented."""
+    ep = lean_endpoints.get(plan.device)
+    if ep is None:
+        return _call_bridged(plan, x, args)
+    imp, exp, t2d, d2t = lean_api()
+    jdev, dl = ep.jax_device, ep.dl_type
+    try:
+        xj = imp(t2d(x), jdev, import_stream(ep, plan.device) if ep.cuda else None, False, dl)
+        if plan.present:
+            cached = plan.cached
+            jargs = list(args)
+            for i in plan.present:
+                t = args[i]
+                if i in cached:
+                    k = _view_key(t)
+                    hit = _views.get(k)
+                    if hit is not None:
+                        jargs[i] = hit[0]
+                        continue
+                    # a new TensorImpl on the same storage: the capsule must not keep the owner alive
+                    a = jargs[i] = imp(t2d(t.detach()), jdev, None, False, dl)
+                    _remember(k, t, a)
+                else:
+                    jargs[i] = imp(t2d(t), jdev, None, False, dl)
+        else:
+            jargs = args
+    except Exception:  # noqa: BLE001 -- an import refused (unaligned CPU buffer ...): the bridge's own path
+        return _call_bridged(plan, x, args)
+    outs = plan.fn(xj, *jargs)
+    stream = export_stream(ep) if ep.cuda else None
+    if type(outs) is tuple:
+        return tuple([d2t(exp(a, stream)) for a in outs])
+    return (d2t(exp(outs, stream)),)
+
+
+def _call_bridged(plan: _Plan, x: Tensor, args: tuple[Tensor | None, ...]) -> tuple:
+    """``_call`` through ``tensors_to_jax`` / ``arrays_to_torch`` (the lean path not verified for the
+    device, the public path chosen, or a lean import refused)."""
     cached = plan.cached
     jargs: list[Any] = [None] * len(args)
     todo, pos, keys = [x], [-1], {}
@@ -360,6 +406,7 @@ class _Plan(NamedTuple):
     present: tuple[int, ...]         # argument positions (after x) that are not None
     orig_shape: torch.Size | None = None  # producers: the activation's orig_shape (x's, with K)
     static: bool = False             # producers: a static key (the scale is the caller's tensor)
+    scale_view: bool = True          # producers: the scale is a view of its storage (column-major layouts)
 
 
 #: At most this many call plans are kept (cleared when full, so shapes made on the fly stay bounded).
@@ -408,7 +455,8 @@ def _producer_plan(op: str, key: str, x: Tensor, weight: Tensor | None, residual
     cuda = _device_index(x)
     fn = _producer_fn(op, key, float(eps), cuda < 0)
     present = _present(weight, residual, scale, global_scale, scale_ub)
-    return _keep(pk, _Plan(fn, cuda, x.device, (0, 2), present, torch.Size((*x.shape[:-1], k)), qkey.scale.static))
+    return _keep(pk, _Plan(fn, cuda, x.device, (0, 2), present, torch.Size((*x.shape[:-1], k)), qkey.scale.static,
+                           qkey.scale.layout in _COL_LAYOUTS))
 
 
 def _consumer_plan(x: Tensor, x_scale: Tensor | None, key: str, orig_dtype: torch.dtype | None, weight: Tensor,
@@ -702,8 +750,9 @@ def _planned_activation(plan: _Plan, key: QuantKey, x: Tensor, outs: tuple, stat
                         ) -> QuantizedActivation:
     """``_activation`` with the plan's orig_shape (eager direct calls)."""
     storage = static if plan.static else outs[1]
-    return QuantizedActivation(outs[0], scale_from_storage(storage, key, plan.orig_shape), x.dtype, plan.orig_shape,
-                               key)
+    if plan.scale_view:  # else scale_from_storage returns the storage itself
+        storage = scale_from_storage(storage, key, plan.orig_shape)
+    return QuantizedActivation(outs[0], storage, x.dtype, plan.orig_shape, key)
 
 
 def _known_plan(op: str, key: Any, x: Tensor, weight: Tensor | None, residual: Tensor | None, eps: float
@@ -798,6 +847,11 @@ def scaled_mm(x: QuantizedActivation | Tensor, weight: Tensor, weight_scale: Ten
     float8_e4m3fn; ``weight_scale``: ``(1,)``, ``(N, 1)`` or ``(cdiv(N,128), cdiv(K,128))``. Output
     ``[*orig_shape[:-1], N]`` in ``out_dtype`` (default: the activation's ``orig_dtype``).
     """
+    known, plan = _mm_known_plan(x, input_quant_key, weight, weight_scale, bias, out_dtype, input_scale, weight_key)
+    if plan is not None:
+        storage = x.scale_storage()  # vLLM's column-major view -> its storage (checks the view's strides)
+        if _direct(x.data, storage, weight, weight_scale, bias, input_scale):
+            return _run(plan, x.data, (storage, weight, weight_scale, bias, input_scale))[0]
     key = _as_key(input_quant_key, "input_quant_key")
     qa = as_quantized_activation(x, key)
     if qa is None:
@@ -809,10 +863,47 @@ def scaled_mm(x: QuantizedActivation | Tensor, weight: Tensor, weight_scale: Ten
         out_dtype = torch_dtype(canonical_dtype(out_dtype))
     wkey = None if weight_key is None else _key_str(_as_key(weight_key, "weight_key"))
     if _direct(data, storage, weight, weight_scale, bias, input_scale):
-        return _consume(data, storage, _key_str(key), orig_dtype, weight, weight_scale, bias, out_dtype, input_scale,
-                        wkey)
+        plan = _consumer_plan(data, storage, _key_str(key), orig_dtype, weight, weight_scale, bias, out_dtype,
+                              input_scale, wkey)
+        if known is not None:  # this activation's metadata passed validate() and the checks: remember it
+            _keep(known, plan)
+        return _run(plan, data, (storage, weight, weight_scale, bias, input_scale))[0]
     return _scaled_mm_op(data, storage, _key_str(key), orig_dtype, weight, weight_scale, bias, out_dtype, input_scale,
                          wkey)
+
+
+def _mm_known_plan(x: Any, key: Any, weight: Any, weight_scale: Any, bias: Any, out_dtype: Any, input_scale: Any,
+                   weight_key: Any) -> tuple[tuple | None, _Plan | None]:
+    """``(plan key, plan)`` of a ``scaled_mm`` call whose activation a plan may already know (the plan
+    ``None`` where none is stored under that key yet; both ``None`` where the call does not qualify):
+    ``x`` a torch
+    ``QuantizedActivation`` whose ``quant_key`` *is* the key object given, a key object (and weight
+    key) seen before (``_key_str``'s table), ``out_dtype`` None or a torch dtype; else None (the full
+    path). The key holds everything ``as_quantized_activation`` reads besides the key -- the types,
+    shapes, dtypes and devices of data and scale *storage*, ``orig_shape``, ``orig_dtype`` -- and
+    everything ``_consumer_plan`` reads, so a plan stored under it (by a call that passed both) stands
+    for both checks; the scale's view is turned into its storage, with its stride check, on every
+    call."""
+    if type(x) is not QuantizedActivation or x.quant_key is not key or not (
+            out_dtype is None or type(out_dtype) is torch.dtype):
+        return None, None
+    hit = _key_ids.get(id(key))
+    if hit is None or hit[0] is not key:
+        return None, None
+    wk = None
+    if weight_key is not None:
+        whit = _key_ids.get(id(weight_key))
+        if whit is None or whit[0] is not weight_key:
+            return None, None
+        wk = whit[1]
+    m = _meta
+    try:
+        data, scale = x.data, x.scale
+        k = ("mm-qa", hit[1], wk, x.orig_dtype, x.orig_shape, out_dtype, m(data), m(scale), scale.stride(), m(weight),
+             m(weight_scale), None if bias is None else m(bias), None if input_scale is None else m(input_scale))
+        return k, _plans.get(k)
+    except Exception:  # noqa: BLE001 -- not tensors, unhashable metadata: the full path says what is wrong
+        return None, None
 
 
 __all__ = ["quantize", "rms_norm_quant", "scaled_mm", "silu_and_mul_quant"]

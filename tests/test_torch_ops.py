@@ -401,6 +401,71 @@ def test_known_plans_skip_the_wrapper_steps_and_nothing_else(monkeypatch, bad):
     assert len(full) == 3
 
 
+def test_scaled_mm_known_plans_keep_the_activation_checks(monkeypatch, bad):
+    """A ``scaled_mm`` call whose activation object carries the very key object given, with metadata
+    a plan already checked, skips ``as_quantized_activation`` and the plan's checks; an activation
+    whose fields changed in any way those read (data, scale, orig_shape, orig_dtype, key) takes the
+    full path again, with its errors, and an equal key object of another identity gives the same bits."""
+    import copy
+    import dataclasses
+
+    monkeypatch.setattr(ops, "DIRECT_EAGER", True)
+    want = ops.scaled_mm(bad.qa, bad.wt, bad.ws, input_quant_key=TOK)
+    ops.scaled_mm(bad.qa, bad.wt, bad.ws, input_quant_key=TOK)  # the second call stores the known plan
+    full = []
+    check = ops.as_quantized_activation
+    monkeypatch.setattr(ops, "as_quantized_activation", lambda *a: full.append(1) or check(*a))
+    got = ops.scaled_mm(bad.qa, bad.wt, bad.ws, input_quant_key=TOK)
+    assert full == []
+    np.testing.assert_array_equal(raw(got), raw(want))
+    qa = bad.qa
+    with pytest.raises(QuantLayoutError):
+        ops.scaled_mm(dataclasses.replace(qa, data=qa.data[:2]), bad.wt, bad.ws, input_quant_key=TOK)
+    with pytest.raises(QuantLayoutError):
+        ops.scaled_mm(dataclasses.replace(qa, scale=qa.scale[:2]), bad.wt, bad.ws, input_quant_key=TOK)
+    with pytest.raises(QuantLayoutError):
+        ops.scaled_mm(dataclasses.replace(qa, orig_shape=torch.Size((2, 256))), bad.wt, bad.ws, input_quant_key=TOK)
+    with pytest.raises(QuantLayoutError, match="orig_dtype"):
+        ops.scaled_mm(dataclasses.replace(qa, orig_dtype=torch.int32), bad.wt, bad.ws, input_quant_key=TOK)
+    with pytest.raises(QuantKeyMismatchError):
+        ops.scaled_mm(dataclasses.replace(qa, quant_key=kFp8DynamicTensorSym), bad.wt, bad.ws, input_quant_key=TOK)
+    with pytest.raises(QuantKeyMismatchError):
+        ops.scaled_mm(qa, bad.wt, bad.ws, input_quant_key=kFp8DynamicTensorSym)
+    with pytest.raises(QuantLayoutError, match="torch tensors"):
+        ops.scaled_mm(dataclasses.replace(qa, data=raw(qa.data)), bad.wt, bad.ws, input_quant_key=TOK)
+    n = len(full)
+    other = copy.deepcopy(TOK)
+    y = ops.scaled_mm(dataclasses.replace(qa, quant_key=other), bad.wt, bad.ws, input_quant_key=other)
+    np.testing.assert_array_equal(raw(y), raw(want))
+    assert len(full) == n + 1
+    y32 = ops.scaled_mm(dataclasses.replace(qa, orig_dtype=torch.float32), bad.wt, bad.ws, input_quant_key=TOK)
+    assert y32.dtype == torch.float32
+
+
+def test_unaligned_cpu_inputs_are_copied_with_a_warning_on_every_path(monkeypatch):
+    """A CPU tensor that is not 64-byte aligned cannot be shared with XLA: the lean import refuses it,
+    and the call crosses through ``tensors_to_jax`` instead, which copies with a ``BridgeCopyWarning``
+    -- on the first call (plan made) and on later calls (known plan) alike, with the aligned bits."""
+    monkeypatch.setattr(ops, "DIRECT_EAGER", True)
+    x, w, res, _ = inputs("rms+res", TOK, m=4, k=256)
+    def unaligned(t):
+        buf = torch.empty(t.numel() + 64, dtype=t.dtype)
+        u = buf[1:1 + t.numel()].view(t.shape).copy_(t)  # 2 bytes past an aligned start
+        assert u.data_ptr() % 64
+        return u
+
+    ux, ures = unaligned(x), unaligned(res)
+    want = ops.quantize(x, TOK)
+    want_rms = ops.rms_norm_quant(x, w, TOK, residual=res)
+    for _ in range(3):
+        with pytest.warns(bridge.BridgeCopyWarning):
+            same_activation(ops.quantize(ux, TOK), want)
+        with pytest.warns(bridge.BridgeCopyWarning):
+            qa, r = ops.rms_norm_quant(x, w, TOK, residual=ures)
+        same_activation(qa, want_rms[0])
+        np.testing.assert_array_equal(raw(r), raw(want_rms[1]))
+
+
 def test_plan_cache_is_bounded(monkeypatch):
     monkeypatch.setattr(ops, "PLAN_CACHE_SIZE", 3)
     ops.clear_plan_cache()
@@ -495,9 +560,40 @@ def dlpack_path(request):
     ops.clear_view_cache()
 
 
-def _record_crossings(monkeypatch) -> list:
-    """Wrap the ops' bridge calls; returns the list of (source pointer, result pointer, shape) per tensor."""
+def _record_crossings(monkeypatch, device: str = "cpu") -> list:
+    """Wrap the ops' bridge calls; returns the list of (source pointer, result pointer, shape) per tensor.
+
+    Where the lean DLPack path is verified for ``device`` the ops make its calls themselves (and the
+    bridge's own lean path makes the same ones), so the lean API is wrapped: every tensor -> capsule
+    -> array import and array -> capsule -> tensor export is recorded. Otherwise (the public path)
+    the ops' ``tensors_to_jax`` / ``arrays_to_torch`` are wrapped."""
     crossings = []
+    if bridge._endpoint(torch.device(device)) is not None:  # probe first: the probe's own crossings are not the ops'
+        imp, exp, t2d, d2t = bridge.lean_api()
+        pending_in, pending_out = [], []
+
+        def t2d_rec(t):
+            pending_in.append((t.data_ptr(), tuple(t.shape)))
+            return t2d(t)
+
+        def imp_rec(cap, *a, **kw):
+            out = imp(cap, *a, **kw)
+            src, shape = pending_in.pop()
+            crossings.append((src, out.unsafe_buffer_pointer(), shape))
+            return out
+
+        def exp_rec(a, *args, **kw):
+            pending_out.append((a.unsafe_buffer_pointer(), tuple(a.shape)))
+            return exp(a, *args, **kw)
+
+        def d2t_rec(cap):
+            out = d2t(cap)
+            src, shape = pending_out.pop()
+            crossings.append((src, out.data_ptr(), shape))
+            return out
+
+        monkeypatch.setitem(bridge._lean_state, "api", bridge._LeanAPI(imp_rec, exp_rec, t2d_rec, d2t_rec))
+        return crossings
 
     def rec(fn, src_ptr, dst_ptr):
         def wrapped(vs, **kw):
@@ -517,7 +613,7 @@ def _record_crossings(monkeypatch) -> list:
 def test_zero_copy_pointer_equality(device, dlpack_path, monkeypatch):
     """Every tensor crossing into the kernel and every output crossing back keeps its buffer pointer,
     and the activation's data/scale are the kernel's output buffers."""
-    crossings = _record_crossings(monkeypatch)
+    crossings = _record_crossings(monkeypatch, device)
     x, w, res, kw = inputs("rms+res", kNvfp4Dynamic, device=device)
     qa, r = ops.rms_norm_quant(x, w, kNvfp4Dynamic, residual=res, **kw)
     assert len(crossings) == 4 + 3  # x, weight, residual, global scale in; data, scale, residual out
