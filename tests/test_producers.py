@@ -143,11 +143,10 @@ def test_fp16_and_batch_dims(key, dtype):
 
 ROW_CONFIGS = [P.ProducerConfig(block_m=2, num_warps=4),  # whole rows in registers
                P.ProducerConfig(block_m=2, num_warps=4, row_chunk=128),  # one program loops over chunks
-               P.ProducerConfig(block_m=1, num_warps=4, row_chunk=128, split=True),  # a program per chunk
-               P.ProducerConfig(block_m=1, num_warps=4, row_chunk=128, persistent=2)]  # 2 programs, 3 rows each
+               P.ProducerConfig(block_m=1, num_warps=4, row_chunk=128, split=True)]  # a program per chunk
 
 
-@pytest.mark.parametrize("cfg", ROW_CONFIGS, ids=["whole", "loop", "split", "persistent"])
+@pytest.mark.parametrize("cfg", ROW_CONFIGS, ids=["whole", "loop", "split"])
 @pytest.mark.parametrize("op", ["quant", "silu"])
 @pytest.mark.parametrize("key,extra", [(kFp8DynamicTokenSym, {}), (kFp8DynamicTokenSym, {"scale_ub": 3.0}),
                                        (kFp8DynamicTensorSym, {}), (ALL_KEYS["kInt8DynamicTokenSym"], {})],
@@ -195,8 +194,6 @@ def test_row_chunk_must_divide_the_row():
         P.quantize(jnp.ones((2, 640), jnp.bfloat16), kFp8DynamicTokenSym, config=P.ProducerConfig(row_chunk=256))
     with pytest.raises(ValueError, match="split needs a row_chunk"):
         P.ProducerConfig(split=True)
-    with pytest.raises(ValueError, match="persistent"):
-        P.ProducerConfig(persistent=4)
 
 
 def test_nvfp4_swizzle_padding_is_zero():

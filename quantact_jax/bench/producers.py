@@ -274,9 +274,6 @@ def row_configs(k: int) -> dict[str, "P.ProducerConfig"]:
             out[f"loop{chunk}_bm{bm}_w{nw}"] = P.ProducerConfig(block_m=bm, num_warps=nw, row_chunk=chunk)
         for nw in (4, 8):
             out[f"split{chunk}_w{nw}"] = P.ProducerConfig(block_m=1, num_warps=nw, row_chunk=chunk, split=True)
-        for nw, progs in ((16, 132), (16, 264), (8, 264), (8, 528)):  # persistent: fewer rows in flight
-            out[f"loop{chunk}_w{nw}_p{progs}"] = P.ProducerConfig(block_m=1, num_warps=nw, row_chunk=chunk,
-                                                                 persistent=progs)
     return out
 
 
