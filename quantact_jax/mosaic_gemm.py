@@ -17,8 +17,8 @@ K, like cuBLASLt's ``use_fast_accum=True`` (it keeps about 14 mantissa bits; doc
 
 Requirements: Mosaic tiles the GMEM side of every TMA descriptor like the SMEM side, so
 ``K % tile_k == 0`` and ``N % epi_tile_n == 0`` (LLM shapes are multiples of 128); M only
-is padded (to a multiple of 8, at least one tile) when needed, which costs a copy of the
-activation and the output. :func:`supports` says whether a problem fits; the consumer
+is padded (to a multiple of 8) when it is above 8 and not a multiple of 8, which costs a copy
+of the activation and the output. :func:`supports` says whether a problem fits; the consumer
 falls back to the Triton kernel otherwise. No interpret mode (the Mosaic interpreter does not run fp8
 transposed wgmma), so the CPU tests cover the Triton kernel and the GPU run covers this one.
 """
@@ -221,7 +221,9 @@ def scaled_mm(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array, bias: ja
     cfg = cfg or heuristic_config(m, n, k, out_dtype)
     if not supports(m, n, k, out_dtype, cfg):
         raise ValueError(f"the Mosaic GEMM does not take M={m} N={n} K={k} out {jnp.dtype(out_dtype)} with {cfg}")
-    rows = max(cfg.tile_m, cdiv(m, 8) * 8)  # TMA tiles rows by 8; at least one whole M tile
+    # rows past M: TMA zero-fills them on load and drops them on store, so no padded copy, except that
+    # a TMA descriptor's rows must be fewer than 8 or a multiple of 8
+    rows = m if m <= 8 or m % 8 == 0 else cdiv(m, 8) * 8
     if rows != m:
         a = jnp.pad(a, ((0, rows - m), (0, 0)))
     cm, cn = _cluster_shape(cfg)  # vectors padded to whole cluster tiles (a cluster's second tile may lie past M or N)

@@ -25,6 +25,9 @@ CONFIGS = {
     "cluster_n": Cfg(cluster="n"),
     "cluster_m_delay1": Cfg(cluster="m", delay_release=1, stages=4, tile_k=64),
     "cluster_n_minor_n": Cfg(cluster="n", grid_minor_n=True, grid_tile_width=4),
+    # one 64-row M tile, for decode-sized M (rows past M zero-filled by TMA, not padded)
+    "small_m": Cfg(tile_m=64, tile_n=32, stages=8, epi_tile_m=64, epi_tile_n=32),
+    "small_m_cluster_n": Cfg(tile_m=64, tile_n=64, tile_k=128, stages=6, epi_tile_m=64, cluster="n"),
 }
 
 
@@ -57,7 +60,9 @@ def test_delay_release_needs_a_deeper_pipeline():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="the Mosaic GEMM needs a Hopper GPU")
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("m,n,k,bias", [(2100, 4352, 512, True), (1031, 1536, 1024, False)], ids=str)
+@pytest.mark.parametrize("m,n,k,bias", [(2100, 4352, 512, True), (1031, 1536, 1024, False), (16, 4352, 512, True),
+                                        (5, 1536, 1024, False), (37, 1536, 1024, True), (100, 1536, 512, False)],
+                         ids=str)
 def test_configs_match_references(name, m, n, k, bias):
     # 2100 x 4352: 9 x 17 cluster tiles of 256 x 256 (cluster m) or 17 x 9 of 128 x 512 (cluster n) over
     # 66 clusters, >= 2 per CTA, partial M tiles and (cluster n) a cluster whose second tile lies past N

@@ -42,7 +42,10 @@ MOSAIC_SWEEP = [M(), M(grid_tile_width=4), M(grid_tile_width=16), M(grid_minor_n
                 M(delay_release=1)]
 D = MG.DecodeConfig  # the swap-AB decode kernel (M <= 64), promoted; clusters share the activation tile
 DECODE_SWEEP = [D(tile_k=tk, stages=st, split_k=sk, num_wgs=w, promote=True, cluster=c)
-                for tk, st in ((256, 4), (128, 8)) for w in (1, 2) for sk in (1, 2) for c in (1, 2, 4)]
+                for tk, st in ((256, 4), (128, 8)) for w in (1, 2) for sk in (1, 2) for c in (1, 2)]
+# ... and the main kernel with one 64-row M tile (no swap, so no output transpose; rows past M zero-filled)
+DECODE_SWEEP += [M(tile_m=64, tile_n=tn, tile_k=tk, stages=st, epi_tile_m=64, epi_tile_n=min(tn, 64), cluster=c)
+                 for tn, tk, st in ((32, 128, 8), (64, 128, 6), (32, 256, 4), (64, 256, 3)) for c in (None, "n")]
 
 
 def _device_s(fn, args) -> float:
@@ -99,7 +102,8 @@ def main() -> int:
         if args.configs:
             for cfg in MOSAIC_SWEEP if m > 64 else DECODE_SWEEP:
                 name = str(dataclasses.astuple(cfg))
-                if not (MG.supports(m, n, k, jnp.bfloat16, cfg) if m > 64 else MG.decode_supports(m, n, k, jnp.bfloat16, cfg)):
+                if not (MG.supports(m, n, k, jnp.bfloat16, cfg) if isinstance(cfg, M)
+                        else MG.decode_supports(m, n, k, jnp.bfloat16, cfg)):
                     continue
                 sweep_names[f"cfg {name}"] = name
                 jax_fns[f"cfg {name}"] = (jax.jit(lambda qa, w, s, cfg=cfg: C.scaled_mm(
