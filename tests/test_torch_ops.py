@@ -560,15 +560,22 @@ def dlpack_path(request):
     ops.clear_view_cache()
 
 
-def _record_crossings(monkeypatch, device: str = "cpu") -> list:
+def _record_crossings(monkeypatch, device: torch.device) -> list:
     """Wrap the ops' bridge calls; returns the list of (source pointer, result pointer, shape) per tensor.
 
     Where the lean DLPack path is verified for ``device`` the ops make its calls themselves (and the
     bridge's own lean path makes the same ones), so the lean API is wrapped: every tensor -> capsule
     -> array import and array -> capsule -> tensor export is recorded. Otherwise (the public path)
-    the ops' ``tensors_to_jax`` / ``arrays_to_torch`` are wrapped."""
+    the ops' ``tensors_to_jax`` / ``arrays_to_torch`` are wrapped.
+
+    ``device`` must be the tensors' own device (``x.device``): the ops look their endpoint up by it.
+    An index-less ``torch.device("cuda")`` is another dictionary key (``cuda != cuda:0``) whose probe
+    fails (the stream calls need an index), so probing it wraps the public path while the ops, once
+    their first call has probed ``cuda:0``, cross through the lean API unrecorded. Callers check the
+    number of crossings, so a path the recorder misses fails the test."""
+    assert isinstance(device, torch.device) and (device.type != "cuda" or device.index is not None), device
     crossings = []
-    if bridge._endpoint(torch.device(device)) is not None:  # probe first: the probe's own crossings are not the ops'
+    if bridge._endpoint(device) is not None:  # probe first: the probe's own crossings are not the ops'
         imp, exp, t2d, d2t = bridge.lean_api()
         pending_in, pending_out = [], []
 
@@ -612,17 +619,34 @@ def _record_crossings(monkeypatch, device: str = "cpu") -> list:
 @pytest.mark.parametrize("device", DEVICES)
 def test_zero_copy_pointer_equality(device, dlpack_path, monkeypatch):
     """Every tensor crossing into the kernel and every output crossing back keeps its buffer pointer,
-    and the activation's data/scale are the kernel's output buffers."""
-    crossings = _record_crossings(monkeypatch, device)
+    the activation's data/scale and ``scaled_mm``'s output are the kernel's output buffers, and no
+    crossing goes unrecorded (counted per call), on the full and the known-plan ``scaled_mm`` path."""
     x, w, res, kw = inputs("rms+res", kNvfp4Dynamic, device=device)
+    wt, ws = fp8_weight(N, K, kFp8DynamicTokenSym, device=device)
+    crossings = _record_crossings(monkeypatch, x.device)
+    # the "lean" run records the lean path (else both runs would test the public one)
+    assert bridge.lean_dlpack_status()["devices"][str(x.device)] is (dlpack_path == "lean")
     qa, r = ops.rms_norm_quant(x, w, kNvfp4Dynamic, residual=res, **kw)
     assert len(crossings) == 4 + 3  # x, weight, residual, global scale in; data, scale, residual out
     assert all(a == b for a, b, _ in crossings), crossings
     outs = [c[1] for c in crossings[-3:]]
     assert [qa.data.data_ptr(), qa.scale.data_ptr(), r.data_ptr()] == outs
-    y = ops.scaled_mm(ops.quantize(x, kFp8DynamicTokenSym), *fp8_weight(N, K, kFp8DynamicTokenSym, device=device),
-                      input_quant_key=kFp8DynamicTokenSym)
-    assert y.data_ptr() == crossings[-1][1] and all(a == b for a, b, _ in crossings)
+    full = []
+    check = ops.as_quantized_activation
+    monkeypatch.setattr(ops, "as_quantized_activation", lambda *a: full.append(1) or check(*a))
+    for call in range(2):  # the second call takes the known-plan path (_mm_known_plan), and reuses the weight views
+        n0, f0 = len(crossings), len(full)
+        q8 = ops.quantize(x, kFp8DynamicTokenSym)
+        assert len(crossings) == n0 + 1 + 2, crossings[n0:]  # x in; data, scale out
+        assert [q8.data.data_ptr(), q8.scale_storage().data_ptr()] == [c[1] for c in crossings[-2:]]
+        n1 = len(crossings)
+        y = ops.scaled_mm(q8, wt, ws, input_quant_key=kFp8DynamicTokenSym)
+        srcs = [q8.data.data_ptr(), q8.scale_storage().data_ptr()] + ([wt.data_ptr(), ws.data_ptr()] if call == 0 else [])
+        assert [c[0] for c in crossings[n1:-1]] == srcs, crossings[n1:]  # every input crossed, recorded
+        # y crossed last, recorded: the exported JAX buffer's pointer is y's (no copy anywhere after the kernel)
+        assert crossings[-1][1:] == (y.data_ptr(), tuple(y.shape)) and len(crossings) == n1 + len(srcs) + 1
+        assert call == 0 or len(full) == f0  # the second skipped as_quantized_activation: the known plan ran
+    assert all(a == b for a, b, _ in crossings), crossings
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -726,7 +750,7 @@ def test_weight_views_are_cached_and_reused(monkeypatch):
     bias = torch.randn(N).bfloat16()
     first = _mm(x, w, ws, bias)
     assert len(ops._views) == 3  # weight, weight_scale, bias
-    crossings = _record_crossings(monkeypatch)
+    crossings = _record_crossings(monkeypatch, x.device)
     second = _mm(x, w, ws, bias)
     imported = [shape for _, _, shape in crossings[:-1]]
     assert imported == [tuple(x.shape)], imported  # only the activation crosses again
