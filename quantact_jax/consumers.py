@@ -17,17 +17,21 @@ Backends (``backend=``): ``"mosaic"`` is the Hopper kernel in :mod:`quantact_jax
 H100; its fp8 accumulation is the tensor core's, like cuBLASLt's ``use_fast_accum=True``); ``"triton"`` is the kernel below, which takes every supported key, runs in interpret
 mode on CPU, and with ``split_k > 1`` is the small-M decode path: K is cut into ``split_k``
 slices whose f32 partial sums are added (in a fixed order) before the same epilogue.
-For M <= 64 ``"mosaic"`` is the swap-AB decode kernel (``mosaic_gemm.scaled_mm_decode``: the
+For M <= 32 ``"mosaic"`` is the swap-AB decode kernel (``mosaic_gemm.scaled_mm_decode``: the
 weight fills wgmma's 64-row side, the activation rows its N side; 25.2 us of kernel at
 1x8192x8192 on an H100, 2.7 TB/s), which by default promotes the tensor core's ~14-bit fp8
 accumulator into f32 registers every K step (max error 8.7e-6 of sum|a||w| at K = 8192, against
 3.2e-4 for the fast accumulator over all K and 1.4e-8 for Triton's mma.sync; bench/decode_gpu.py).
-``"auto"`` (default) on a Hopper GPU picks the Mosaic GEMM for M > 64 and the Mosaic decode
-kernel for 8 < M <= 64 when the problem fits them (H100, N = K = 8192, device time: 26.4 / 27.8 us
-at M = 16 / 64 against split-K Triton's 27.3 / 32.3), and split-K Triton for M <= 8, where its
-exact f32 accumulation also comes faster (26.2 us at M = 1 against 27.2: the decode kernel's
-output transpose and padded scales cost ~2.5 us there). Otherwise Triton (CPU, interpret mode,
-untiled shapes, block scales at M <= 64).
+For 32 < M <= 64 it is the main kernel with one 64-row tile (no wasted rows left to pad, no output
+transpose; the fast accumulator, as for M > 64): 25.9 us at 64x8192x8192 against the decode
+kernel's 27.6 (session 5 sweep; at M = 16 the decode kernel is ahead, 44.7 against 45.2 us at
+16x28672x4096, transpose included).
+``"auto"`` (default) on a Hopper GPU picks the Mosaic GEMM for M > 32 and the Mosaic decode
+kernel for 8 < M <= 32 when the problem fits them (H100, N = K = 8192, device time: 26.2 us at
+M = 16 against split-K Triton's 27.3), and split-K Triton for M <= 8, where its exact f32
+accumulation also comes faster (26.2 us at M = 1 against 27.2: the decode kernel's output
+transpose and padded scales cost ~2.5 us there). Otherwise Triton (CPU, interpret mode, untiled
+shapes, block scales at M <= 64).
 Block scales on Mosaic (M > 64) are :mod:`quantact_jax.mosaic_block_gemm` (per-128-K promotion).
 
 NVFP4 / MXFP8 / MXFP4 activations go to :mod:`quantact_jax.dequant_gemm` (Hopper has no block-scaled
@@ -55,6 +59,7 @@ from quantact_jax.activation import QuantizedActivation, as_quantized_activation
 
 F32 = jnp.float32
 TRITON_DECODE_MAX_M = 8  # auto: M <= 8 stays on split-K Triton (module docstring)
+MOSAIC_DECODE_MAX_M = 32  # auto and backend="mosaic": M <= 32 on the swap-AB decode kernel, above on the main one
 FP8 = jnp.float8_e4m3fn
 
 # Weight keys on the ``[N, K]`` weight (interop.weights, re-exported): per-tensor, per-output-channel
@@ -259,10 +264,10 @@ def scaled_mm(x: QuantizedActivation | jax.Array, weight: jax.Array, weight_scal
     bias = None if bias is None else jnp.asarray(bias)
 
     mosaic_types = (mosaic_gemm.MosaicConfig, mosaic_gemm.DecodeConfig, mosaic_block_gemm.MosaicBlockConfig)
-    decode = m <= 64 and not isinstance(config, mosaic_gemm.MosaicConfig)
+    decode = isinstance(config, mosaic_gemm.DecodeConfig) or (config is None and m <= MOSAIC_DECODE_MAX_M)
     if backend == "auto":  # the choice and its measurements: module docstring
         if a_mode == "group128":
-            fits = not decode and mosaic_block_gemm.supports(m, n, k, out_dtype)
+            fits = m > 64 and mosaic_block_gemm.supports(m, n, k, out_dtype)
         elif decode:
             fits = m > TRITON_DECODE_MAX_M and mosaic_gemm.decode_supports(m, n, k, out_dtype)
         else:
@@ -277,7 +282,7 @@ def scaled_mm(x: QuantizedActivation | jax.Array, weight: jax.Array, weight_scal
                 raise TypeError("block-scaled operands on backend='mosaic' take a MosaicBlockConfig")
             out = mosaic_block_gemm.scaled_mm_block(a2, weight, sa.reshape(m, -1), sb.reshape(cdiv(n, 128), -1),
                                                     bias, out_dtype, config)
-        elif decode or isinstance(config, mosaic_gemm.DecodeConfig):
+        elif decode:
             out = mosaic_gemm.scaled_mm_decode(a2, weight, sa, sb, bias, out_dtype, config)
         else:
             out = mosaic_gemm.scaled_mm(a2, weight, sa, sb, bias, out_dtype, config)

@@ -43,12 +43,13 @@ def fast_accum_k(key, m: int, k: int, parts: int) -> int:
     """K that the two computations (one device's GEMM of K, a shard's of ``K / parts``) accumulate in
     the tensor core's fp8 accumulator (~14 mantissa bits, no promotion), for :func:`row_parallel_bound`.
 
-    On a GPU the auto backend runs M > 64 on the Mosaic kernels (Hopper; conservatively assumed on
-    any GPU): per-tensor / per-token activations accumulate the whole K there (cuBLASLt's
-    ``use_fast_accum=True``). 1x128-group activations go to the block-scaled kernel, which promotes
-    every 128-wide K block to f32 (the same blocks on both sides: only the f32 order differs), and
-    M <= 64 to Triton's f32 accumulation: 0 for those, and on the CPU."""
-    if jax.default_backend() != "gpu" or m <= 64 or key.scale.group_shape.is_per_group():
+    On a GPU the auto backend runs M > 8 on the Mosaic kernels (Hopper; conservatively assumed on
+    any GPU): per-tensor / per-token activations accumulate the whole K there for M > 32 (cuBLASLt's
+    ``use_fast_accum=True``), and each K step for 8 < M <= 32 (the decode kernel's promotion, within
+    the same bound). 1x128-group activations go to the block-scaled kernel, which promotes every
+    128-wide K block to f32 (the same blocks on both sides: only the f32 order differs), and
+    M <= 8 to Triton's f32 accumulation: 0 for those, and on the CPU."""
+    if jax.default_backend() != "gpu" or m <= C.TRITON_DECODE_MAX_M or key.scale.group_shape.is_per_group():
         return 0
     return k + k // parts
 

@@ -10,8 +10,8 @@ the bound is derived in ``sharding_bounds.py`` (shared with the multi-GPU bench 
 instead: 8 or more -> the 2x4 mesh, 4 -> 1x4, 2 or 3 -> 1x2 (axes ``("x", "y")``; ``y`` is the TP
 axis); fewer than 2 skip. Shapes whose outcome depends on the axis sizes are derived from them (the
 2x4 mesh gets the original literals). tests/test_sharding.py runs it that way on a multi-GPU host.
-On a GPU every GEMM here has M <= 64: the auto backend runs Triton (f32 accumulation), so the
-f32-order bounds apply as on the CPU.
+On a GPU the auto backend runs these GEMMs (M <= 64) on the Mosaic kernels when M > 8
+(sharding_bounds.fast_accum_k: the fast-accumulation term joins the f32-order bounds there).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from sharding_bounds import close_after_cast, interleave_halves, single_mlp
+from sharding_bounds import close_after_cast, fast_accum_k, interleave_halves, single_mlp
 from sharding_bounds import mm_bound as _mm_bound
 from sharding_bounds import row_parallel_bound as _row_parallel_bound
 
@@ -293,7 +293,7 @@ def test_sharded_scaled_mm_row_parallel(akey, wmode):
     want = np.asarray(C.scaled_mm(qa, w, ws, bias=b, out_dtype=jnp.float32, input_quant_key=akey))
     got = S.sharded_scaled_mm(qa, w, ws, MESH, P("x", "y"), bias=b, out_dtype=jnp.float32, input_quant_key=akey)
     assert got.sharding.is_equivalent_to(NamedSharding(MESH, P("x", None)), 2)
-    bound = _row_parallel_bound(qa, w, ws, wmode, 4, bias=b)
+    bound = _row_parallel_bound(qa, w, ws, wmode, 4, bias=b, fast_k=fast_accum_k(akey, 64 // X, 512, Y))
     np.testing.assert_array_less(np.abs(np.asarray(got) - want), bound + 1e-30)
 
 
@@ -341,7 +341,7 @@ def test_column_and_row_parallel_linears(key):
     want = down(y, out_dtype=jnp.float32)
     got = T.row_parallel(down, h, MESH, P("x", "y"), out_dtype=jnp.float32)  # plain input: sharded quantization
     assert got.sharding.is_equivalent_to(NamedSharding(MESH, P("x", None)), 2)
-    bound = _mm_bound(y, down, 4, bias=down.bias)
+    bound = _mm_bound(y, down, 4, bias=down.bias, fast_k=fast_accum_k(down.input_key, 64 // X, 512, Y))
     np.testing.assert_array_less(np.abs(np.asarray(got) - np.asarray(want)), bound + 1e-30)
 
 
@@ -371,7 +371,7 @@ def test_tp_mlp_matches_single_device(key, fused):
     got, got_res = jax.jit(lambda b, a, r: T.tp_mlp(b, a, MESH, P("x"), residual=r, fused=fused))(tpb, x, res)
     assert got.sharding.is_equivalent_to(NamedSharding(MESH, P("x", None)), 2)
     assert (_bytes(got_res) == _bytes(want_res)).all()
-    _close_after_cast(got, want, _mm_bound(y, block.down, 4))
+    _close_after_cast(got, want, _mm_bound(y, block.down, 4, fast_k=fast_accum_k(key, 64 // X, 512, Y)))
 
 
 def test_tp_mlp_per_token_scales_are_shard_local_or_rejected():
