@@ -264,7 +264,10 @@ def scaled_mm(x: QuantizedActivation | jax.Array, weight: jax.Array, weight_scal
     bias = None if bias is None else jnp.asarray(bias)
 
     mosaic_types = (mosaic_gemm.MosaicConfig, mosaic_gemm.DecodeConfig, mosaic_block_gemm.MosaicBlockConfig)
-    decode = isinstance(config, mosaic_gemm.DecodeConfig) or (config is None and m <= MOSAIC_DECODE_MAX_M)
+    if config is None and m <= 64:  # the main kernel above MOSAIC_DECODE_MAX_M where it fits (N % 32 == 0 ...)
+        decode = m <= MOSAIC_DECODE_MAX_M or not mosaic_gemm.supports(m, n, k, out_dtype)
+    else:
+        decode = isinstance(config, mosaic_gemm.DecodeConfig)
     if backend == "auto":  # the choice and its measurements: module docstring
         if a_mode == "group128":
             fits = m > 64 and mosaic_block_gemm.supports(m, n, k, out_dtype)
