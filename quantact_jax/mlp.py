@@ -42,9 +42,11 @@ from interop.weights import (
     WEIGHT_BLOCK_128,
     WEIGHT_NVFP4,
     WEIGHT_PER_CHANNEL,
+    WEIGHT_PER_TENSOR,
     weight_key_for_input,
 )
 from quantact_jax import producers, reference
+from quantact_jax.activation import QuantizedActivation
 from quantact_jax.layers import QuantLinear, to_jax_array
 
 NORM = "post_attention_layernorm.weight"
@@ -119,13 +121,35 @@ def unfused_rtol(key: QuantKey) -> float:
     return 2.0 ** -2 if key.is_fp4 else 2.0 ** -4
 
 
+def _silu_epilogue_applies(gate_up: QuantLinear, down: QuantLinear, a: Any) -> bool:
+    """Whether :func:`mlp`'s ``silu_epilogue`` can run: a Hopper GPU, fp8 per-token / per-tensor
+    activations into per-channel / per-tensor gate/up weights without bias, a dynamic per-token fp8
+    key for the down layer, shapes :func:`mosaic_gate_up.supports` takes."""
+    from quantact_jax import consumers, mosaic_gate_up
+
+    if not isinstance(a, QuantizedActivation) or gate_up.bias is not None or gate_up.backend != "pallas":
+        return False
+    if gate_up.interpret or jax.default_backend() != "gpu" or not consumers._is_hopper():
+        return False
+    ak, dk = a.quant_key, down.input_key
+    m = int(np.prod(a.orig_shape[:-1]))
+    gs = ak.scale.group_shape
+    return (ak.format == QuantFormat.FP8 and (gs.is_per_token() or gs.is_per_tensor())
+            and gate_up.weight_key in (WEIGHT_PER_CHANNEL, WEIGHT_PER_TENSOR) and dk.format == QuantFormat.FP8
+            and not dk.scale.static and dk.scale.group_shape.is_per_token() and get_input_quant_key(down) is not None
+            and mosaic_gate_up.supports(m, *gate_up.weight.shape))
+
+
 def mlp(block: MLPBlock, x: jax.Array, residual: jax.Array | None = None, *,
-        fused: bool = True) -> tuple[jax.Array, jax.Array]:
+        fused: bool = True, silu_epilogue: bool = False) -> tuple[jax.Array, jax.Array]:
     """The block on ``x [..., H]``; returns ``(out [..., H], residual)`` where ``residual`` is
     ``x + residual`` (``x`` when no residual is given), as vLLM's decoder layers pass it on.
 
     ``fused=True`` picks the fused producer wherever the next layer exposes a key; ``fused=False``
-    takes the plain path for both layers.
+    takes the plain path for both layers. ``silu_epilogue=True`` (experimental, opt-in: not yet run
+    on a GPU) computes SiLU-and-mul in the gate/up GEMM's epilogue where it applies
+    (:mod:`quantact_jax.mosaic_gate_up`, then one quantization pass,
+    :func:`producers.quantize_given_row_amax`); elsewhere it changes nothing.
     """
     gate_up, down = block.gate_up, block.down
     if fused and get_input_quant_key(gate_up) is not None:
@@ -134,6 +158,14 @@ def mlp(block: MLPBlock, x: jax.Array, residual: jax.Array | None = None, *,
     else:
         n, res = reference.rms_norm(x, block.norm_weight, block.eps, residual, add_in_f32=False)
         a = n.reshape(x.shape)
+    if fused and silu_epilogue and _silu_epilogue_applies(gate_up, down, a):
+        from quantact_jax import mosaic_gate_up
+
+        k = a.orig_shape[-1]
+        h, amax = mosaic_gate_up.gate_up_silu(a.data.reshape(-1, k), gate_up.weight, a.scale, gate_up.weight_scale,
+                                              a.orig_dtype)
+        y = producers.quantize_given_row_amax(h, amax, down.input_key, orig_dtype=a.orig_dtype)
+        return down(y).reshape(x.shape), (x if res is None else res)
     h = gate_up(a)
     if fused and get_input_quant_key(down) is not None:
         y = producers.silu_and_mul_quant(h, layer=down, interpret=down.interpret)

@@ -568,7 +568,7 @@ def _poisoned(sds: jax.ShapeDtypeStruct) -> jax.Array:
 def _run(op: str, x: jax.Array, key: QuantKey, *, k: int, weight=None, residual=None, eps: float = 1e-6,
          add_in_f32: bool = True, scale=None, global_scale=None, scale_ub=None,
          config: ProducerConfig | None = None, interpret: bool | None = None, poison: bool = False,
-         axis_name: str | tuple[str, ...] | None = None):
+         axis_name: str | tuple[str, ...] | None = None, row_amax_parts: jax.Array | None = None):
     if not isinstance(key, QuantKey):
         raise TypeError(f"key must be a QuantKey, got {key!r}")
     if axis_name is not None and (key.scale.static or not key.scale.group_shape.is_per_tensor()):
@@ -594,6 +594,15 @@ def _run(op: str, x: jax.Array, key: QuantKey, *, k: int, weight=None, residual=
     per_row = op != "rms" and (dyn_tensor or (fmt in (QuantFormat.FP8, QuantFormat.INT8) and not desc.static
                                               and desc.group_shape.is_per_token()))  # may loop / split rows
     cfg = config or heuristic_config(m, bc or k, op, chunked=bool(bc), per_row=per_row)
+    if row_amax_parts is not None:  # quantize_given_row_amax: the split kernel's second pass only
+        if not (per_row and desc.group_shape.is_per_token()) or op != "quant":
+            raise QuantLayoutError(f"{key}: given row amaxes apply to dynamic per-token fp8/int8 quantization")
+        n_chunks = row_amax_parts.shape[-1]
+        if row_amax_parts.shape != (m, n_chunks) or k % n_chunks:
+            raise QuantLayoutError(f"row_amax_parts must be [M={m}, P] with P dividing K={k}, got "
+                                   f"{tuple(row_amax_parts.shape)}")
+        cfg = dataclasses.replace(config or ProducerConfig(num_warps=8), block_m=1, row_chunk=k // n_chunks,
+                                  split=True)
     if per_row and cfg.row_chunk:
         if k % cfg.row_chunk:
             raise QuantLayoutError(f"row_chunk {cfg.row_chunk} does not divide the row width {k}")
@@ -668,7 +677,10 @@ def _run(op: str, x: jax.Array, key: QuantKey, *, k: int, weight=None, residual=
         data, scale_out = outs[0], outs[1]
     elif per_row and cfg.split:
         # per-token over column-chunk programs: pass 1 the partial amaxes, pass 2 their max, the scale, the codes
-        parts = call(dataclasses.replace(spec, amax_only=True), inputs, [jax.ShapeDtypeStruct((n_parts,), F32)])[0]
+        if row_amax_parts is not None:
+            parts = jnp.asarray(row_amax_parts, F32).reshape(-1)
+        else:
+            parts = call(dataclasses.replace(spec, amax_only=True), inputs, [jax.ShapeDtypeStruct((n_parts,), F32)])[0]
         q_spec = dataclasses.replace(spec, row_amax_given=True)
         outs = call(q_spec, [*inputs[:scale_slot], parts, *inputs[scale_slot:]],
                     [jax.ShapeDtypeStruct(data_shape, data_dtype), jax.ShapeDtypeStruct((m,), F32), *res_shape])
@@ -715,6 +727,37 @@ def quantize(x: jax.Array, key: QuantKey | None = None, *, layer: Any = None, sc
                 config=config, interpret=interpret, poison=_poison, axis_name=axis_name)[0]
 
 
+def quantize_given_row_amax(x: jax.Array, parts: jax.Array, key: QuantKey, *, orig_dtype: Any = None,
+                            max_chunk: int = 2048, interpret: bool | None = None,
+                            _poison: bool = False) -> QuantizedActivation:
+    """Dynamic per-token quantization of ``x [M, K]`` whose row amaxes come as partial maxima:
+    ``parts [M, P]``, ``parts[m, j]`` = max |x[m, c]| over the j-th of P equal column chunks (what a
+    GEMM epilogue that produced ``x`` tile by tile can emit: ``mosaic_gate_up.gate_up_silu``). One
+    read of ``x``: the split kernel's second pass alone (the row's amax from its chunk maxima, the
+    scale, the codes), where :func:`quantize` first reads ``x`` for the amax. Same bits as
+    ``quantize(x, key)`` when ``parts`` are the true chunk maxima (max is exact in any grouping).
+
+    The chunk maxima are first merged (exact) into chunks up to ``max_chunk`` wide, one kernel
+    program each. ``orig_dtype``: the activation's recorded dtype (default ``x.dtype``), e.g. the
+    dtype of the unfused op whose f32 intermediate ``x`` is.
+    """
+    x = jnp.asarray(x)
+    if x.ndim != 2 or parts.ndim != 2 or parts.shape[0] != x.shape[0] or x.shape[1] % parts.shape[1]:
+        raise QuantLayoutError(f"x must be [M, K] and parts [M, P] with P dividing K, got {tuple(x.shape)} and "
+                               f"{tuple(parts.shape)}")
+    m, k = x.shape
+    width = k // parts.shape[1]
+    group = 1
+    while width * group * 2 <= max_chunk and parts.shape[1] % (group * 2) == 0:
+        group *= 2
+    if group > 1:
+        parts = jnp.max(jnp.asarray(parts, F32).reshape(m, -1, group), axis=-1)
+    qa = _run("quant", x, key, k=k, interpret=interpret, poison=_poison, row_amax_parts=parts)[0]
+    if orig_dtype is not None and jnp.dtype(orig_dtype) != x.dtype:
+        qa = QuantizedActivation(qa.data, qa.scale, jnp.dtype(orig_dtype), qa.orig_shape, qa.quant_key)
+    return qa
+
+
 def rms_norm_quant(x: jax.Array, weight: jax.Array, key: QuantKey | None = None, *, layer: Any = None,
                    eps: float = 1e-6, residual: jax.Array | None = None, scale: Any = None,
                    global_scale: Any = None, scale_ub: Any = None, config: ProducerConfig | None = None,
@@ -750,4 +793,5 @@ def silu_and_mul_quant(x: jax.Array, key: QuantKey | None = None, *, layer: Any 
                 scale_ub=scale_ub, config=config, interpret=interpret, poison=_poison, axis_name=axis_name)[0]
 
 
-__all__ = ["ProducerConfig", "heuristic_config", "quantize", "rms_norm_quant", "silu_and_mul_quant"]
+__all__ = ["ProducerConfig", "heuristic_config", "quantize", "quantize_given_row_amax", "rms_norm_quant",
+           "silu_and_mul_quant"]

@@ -1,5 +1,6 @@
-"""The Mosaic GPU fp8 GEMM's schedule options (``MosaicConfig.delay_release`` / ``cluster``) and
-the decode kernel's configs.
+"""The Mosaic GPU fp8 GEMM's schedule options (``MosaicConfig.delay_release`` / ``cluster``), the
+decode kernel's configs, and the gate/up GEMM with SiLU-and-mul in its epilogue (``mosaic_gate_up``,
+experimental; its GPU tests compare it with the unfused path and the fused block).
 
 On CPU each config is traced and cross-lowered to Mosaic GPU (layout inference included), which
 catches API and layout errors without a GPU. On a Hopper GPU each config runs on shapes that are
@@ -11,10 +12,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from interop.keys import kFp8DynamicTokenSym
 from quantact_jax import consumers as C
+from quantact_jax import mosaic_gate_up as GU
 from quantact_jax import mosaic_gemm as MG
+from quantact_jax import producers as PR
 from test_consumers import CASES, HOPPER, _check, _problem
 
 Cfg = MG.MosaicConfig
@@ -127,3 +132,61 @@ def test_decode_configs_match_references(name, m, n, k, bias):
     qa, wq, ws, wk, b = _problem(m, n, k, akey, wmode, bias)
     got = C.scaled_mm(qa, wq, ws, bias=b, input_quant_key=akey, backend="mosaic", config=cfg)
     _check(got, qa, wq, ws, wk, b, None, fast_accum=True)
+
+
+# ------------------------------------------------------------------ gate/up GEMM with SiLU-and-mul in the epilogue
+@pytest.mark.parametrize("m,n2,k", [(4096, 28672, 4096), (300, 512, 384), (5, 256, 256)], ids=str)
+def test_gate_up_silu_traces_and_lowers_for_cuda(m, n2, k):
+    S = jax.ShapeDtypeStruct
+    args = [S((m, k), jnp.float8_e4m3fn), S((n2, k), jnp.float8_e4m3fn), S((m,), jnp.float32), S((1,), jnp.float32)]
+    traced = jax.jit(lambda a, b, sa, sb: GU.gate_up_silu(a, b, sa, sb)).trace(*args)
+    h, amax = traced.out_info
+    assert h.shape == (m, n2 // 2) and h.dtype == jnp.float32 and amax.shape == (m, n2 // 2 // GU.GateUpConfig().tile_n)
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_gate_up_silu_supports():
+    assert GU.supports(4096, 28672, 4096) and not GU.supports(4096, 28672 + 128, 4096)  # I % 128
+    assert not GU.supports(4096, 28672, 4100) and GU.GateUpConfig(stages=4).smem_bytes() > MG.SMEM_LIMIT
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Mosaic GEMM needs a Hopper GPU")
+@pytest.mark.parametrize("wmode", ["channel", "tensor"])
+@pytest.mark.parametrize("m,inter,k", [(300, 640, 384), (4096, 1024, 512), (37, 256, 256)], ids=str)
+def test_gate_up_silu_matches_the_unfused_path(m, inter, k, wmode):
+    # the unfused path: the gate/up GEMM's bf16 output, then the per-token SiLU-and-mul producer
+    akey = CASES[0][0]
+    qa, wq, ws, wk, _ = _problem(m, 2 * inter, k, akey, wmode, False)
+    y = C.scaled_mm(qa, wq, ws, input_quant_key=akey, backend="mosaic")  # [M, 2I] bf16
+    h, amax = GU.gate_up_silu(qa.data, jnp.asarray(wq), jnp.asarray(qa.scale), jnp.asarray(ws), jnp.bfloat16)
+    g, u = (y[:, :inter].astype(jnp.float32), y[:, inter:].astype(jnp.float32))
+    want_h = np.asarray(g / (1.0 + jnp.exp(-g)) * u)
+    # g and u are the same bits (same tiles, K order and epilogue), so h differs only where the two exp
+    # implementations (libdevice in Mosaic, XLA's here) round differently: a few f32 ulps
+    np.testing.assert_allclose(np.asarray(h), want_h, rtol=4e-7, atol=1e-30)
+    hv = np.abs(np.asarray(h)).reshape(m, -1, GU.GateUpConfig().tile_n).max(-1)
+    assert (np.asarray(amax) == hv).all()  # the epilogue's maxima are those of the h it wrote
+    q = PR.quantize_given_row_amax(h, amax, kFp8DynamicTokenSym, orig_dtype=jnp.bfloat16)
+    want = PR.quantize(h, kFp8DynamicTokenSym)
+    assert (np.asarray(q.data).view(np.uint8) == np.asarray(want.data).view(np.uint8)).all()
+    assert (np.asarray(q.scale) == np.asarray(want.scale)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="the Mosaic GEMM needs a Hopper GPU")
+def test_mlp_silu_epilogue_matches_the_fused_block():
+    from quantact_jax import mlp as M
+
+    block = M.make_block(512, 1024, key=kFp8DynamicTokenSym, seed=5)
+    rng = np.random.default_rng(6)
+    x, r = (jnp.asarray(rng.standard_normal((300, 512)), jnp.bfloat16) for _ in range(2))
+    a, _ = PR.rms_norm_quant(x, block.norm_weight, layer=block.gate_up, residual=r, eps=block.eps)
+    assert M._silu_epilogue_applies(block.gate_up, block.down, a)
+    want, want_res = M.mlp(block, x, r)
+    got, got_res = M.mlp(block, x, r, silu_epilogue=True)
+    assert (np.asarray(got_res) == np.asarray(want_res)).all()
+    # h differs by a few f32 ulps where the exp implementations differ (test above): a code moves one
+    # fp8 step (2^-3 relative) at such an element at most, a small fraction of the down GEMM's sum
+    err = np.linalg.norm(np.asarray(got, np.float32) - np.asarray(want, np.float32))
+    assert err <= 1e-3 * np.linalg.norm(np.asarray(want, np.float32))

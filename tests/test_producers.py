@@ -189,6 +189,31 @@ def test_zero_and_tiny_groups_take_the_keys_scale_floor(op, key):
     _assert_same((got, None), (want, None), silu_on_gpu=(op == "silu" and ON_GPU))
 
 
+@pytest.mark.parametrize("key", [kFp8DynamicTokenSym, ALL_KEYS["kInt8DynamicTokenSym"]], ids=str)
+@pytest.mark.parametrize("m,k,width", [(37, 1536, 64), (5, 14336, 64), (130, 768, 256)], ids=str)
+def test_quantize_given_row_amax_matches_quantize(key, m, k, width):
+    # chunk maxima as a GEMM epilogue emits them (64-wide tiles here; merged to <= 2048-wide chunks,
+    # 14336 = 7 x 2048): one pass, the same bits as quantize's own amax; poisoned outputs
+    rng = np.random.default_rng(m + k)
+    x = jnp.asarray(rng.standard_normal((m, k)) * rng.uniform(0.1, 8.0, (m, 1)), jnp.float32)
+    parts = jnp.max(jnp.abs(x).reshape(m, k // width, width), axis=-1)
+    got = P.quantize_given_row_amax(x, parts, key, orig_dtype=jnp.bfloat16, _poison=True)
+    want = P.quantize(x, key)
+    assert got.orig_dtype == jnp.bfloat16 and got.orig_shape == (m, k) and got.quant_key == key
+    assert (np.asarray(got.data).view(np.uint8) == np.asarray(want.data).view(np.uint8)).all()
+    assert (np.asarray(got.scale) == np.asarray(want.scale)).all()
+
+
+def test_quantize_given_row_amax_rejects_bad_input():
+    x = jnp.ones((4, 256), jnp.float32)
+    with pytest.raises(QuantLayoutError, match="dynamic per-token"):
+        P.quantize_given_row_amax(x, jnp.ones((4, 2)), kFp8DynamicTensorSym)
+    with pytest.raises(QuantLayoutError, match="P dividing K"):
+        P.quantize_given_row_amax(x, jnp.ones((4, 3)), kFp8DynamicTokenSym)
+    with pytest.raises(QuantLayoutError, match="P dividing K"):
+        P.quantize_given_row_amax(x, jnp.ones((3, 2)), kFp8DynamicTokenSym)
+
+
 def test_row_chunk_must_divide_the_row():
     with pytest.raises(QuantLayoutError, match="does not divide"):
         P.quantize(jnp.ones((2, 640), jnp.bfloat16), kFp8DynamicTokenSym, config=P.ProducerConfig(row_chunk=256))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -114,7 +115,8 @@ def ceilings() -> dict[str, float]:
     return {"copy_bytes_per_s": copy, "fp8_flops_per_s": 2 * 8192**3 / t}
 
 
-def run_case(m: int, hidden: int, inter: int, *, gpu: bool, ceil: dict[str, float] | None, seed: int = 0) -> dict:
+def run_case(m: int, hidden: int, inter: int, *, gpu: bool, ceil: dict[str, float] | None, seed: int = 0,
+             silu_epilogue: bool = False) -> dict:
     """Time the fused block and every peer on one shape; returns a JSON-able row."""
     import torch
 
@@ -141,6 +143,8 @@ def run_case(m: int, hidden: int, inter: int, *, gpu: bool, ceil: dict[str, floa
     }
     if gpu:
         impls["torch_compile_fp8"] = (torch.compile(torch_fp8_block), t_args, "torch")
+    if gpu and silu_epilogue:  # experimental: SiLU-and-mul in the gate/up GEMM's epilogue (mosaic_gate_up)
+        impls["quantact_silu_epilogue"] = (jax.jit(functools.partial(mlp, silu_epilogue=True)), (block, x, r), "jax")
     else:
         row["errors"]["torch_compile_fp8"] = "skipped on CPU"
     outs: dict[str, np.ndarray] = {}
@@ -178,7 +182,7 @@ def run_case(m: int, hidden: int, inter: int, *, gpu: bool, ceil: dict[str, floa
     return row
 
 
-def run(*, interpret_small: bool = False, seed: int = 0) -> dict:
+def run(*, interpret_small: bool = False, seed: int = 0, silu_epilogue: bool = False) -> dict:
     """The block benchmark: GPU shapes on a GPU, or the small interpret-mode smoke run on a CPU."""
     import torch
 
@@ -190,7 +194,7 @@ def run(*, interpret_small: bool = False, seed: int = 0) -> dict:
            "python": platform.python_version(), "interpret": not gpu, "ceilings": ceilings() if gpu else None,
            "cases": []}
     for m, h, i in progress(GPU_CASES if gpu else SMALL_CASES, "block"):
-        res["cases"].append(run_case(m, h, i, gpu=gpu, ceil=res["ceilings"], seed=seed))
+        res["cases"].append(run_case(m, h, i, gpu=gpu, ceil=res["ceilings"], seed=seed, silu_epilogue=silu_epilogue))
     return res
 
 
@@ -219,12 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--interpret-small", action="store_true", help="CPU smoke run on small shapes")
+    ap.add_argument("--silu-epilogue", action="store_true",
+                    help="also time the experimental gate/up GEMM with SiLU-and-mul in its epilogue (GPU)")
     args = ap.parse_args(argv)
     if jax.default_backend() != "gpu" and not args.interpret_small:
         print("no GPU: the block benchmark needs one (--interpret-small runs a CPU smoke test in interpret mode)")
         return 0
     t0 = time.perf_counter()
-    res = run(interpret_small=args.interpret_small)
+    res = run(interpret_small=args.interpret_small, silu_epilogue=args.silu_epilogue)
     print(table(res))
     print(f"({time.perf_counter() - t0:.0f} s)")
     if args.out:
