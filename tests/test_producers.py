@@ -304,3 +304,19 @@ def test_producer_from_layer_exposed_key_and_scales():
     got2 = P.quantize(x, layer=layer2, _poison=True)
     want2 = R.quantize(x, kNvfp4Dynamic, global_scale=np.float32(1.0) / (np.float32(1.0) / gs))
     assert (_bytes(got2.data) == _bytes(want2.data)).all() and (_bytes(got2.scale) == _bytes(want2.scale)).all()
+
+
+@pytest.mark.parametrize("m,inter", [(37, 256), (5, 1024)], ids=str)
+def test_silu_epilogue_composition_matches_the_silu_producer(m, inter):
+    # what mosaic_gate_up's epilogue computes, in jnp (h = silu(g) * u in f32 from the gate/up layer's
+    # bf16 output, row maxima per 64-wide tile), then quantize_given_row_amax: the per-token SiLU
+    # producer's bits on the same output (interpret mode: the same exp on both sides)
+    rng = np.random.default_rng(m + inter)
+    y = jnp.asarray(rng.standard_normal((m, 2 * inter)) * 3, jnp.bfloat16)
+    g, u = y[:, :inter].astype(jnp.float32), y[:, inter:].astype(jnp.float32)
+    h = R.silu_f32(g) * u
+    maxima = jnp.max(jnp.abs(h).reshape(m, inter // 64, 64), axis=-1)
+    got = P.quantize_given_row_amax(h, maxima, kFp8DynamicTokenSym, orig_dtype=jnp.bfloat16)
+    want = P.silu_and_mul_quant(y, kFp8DynamicTokenSym)
+    assert (got.orig_dtype, got.orig_shape, got.quant_key) == (want.orig_dtype, want.orig_shape, want.quant_key)
+    _assert_same((got, None), (want, None), silu_on_gpu=ON_GPU)
