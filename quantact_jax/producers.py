@@ -276,237 +276,235 @@ def _kernel(*refs, spec: _Spec, cfg: ProducerConfig):
     # grid indices read once, outside any loop (interpret mode substitutes them only at the top level)
     pid0, pid1, n_prog1 = pl.program_id(0), pl.program_id(1), pl.num_programs(1)
 
-    def rows(row0):  # the program's rows from row0 (block_m of them)
-        col0 = pid1 * bk if spec.bc and not spec.loop else 0
-        last_chunk = (pid1 == n_prog1 - 1) if spec.bc and not spec.loop else True
-        r = row0 + jnp.arange(bm, dtype=jnp.int32)[:, None]
-        rmask = r < m
-        t = spec.in_dtype
+    row0 = pid0 * bm  # the program's first row (block_m of them)
+    col0 = pid1 * bk if spec.bc and not spec.loop else 0
+    last_chunk = (pid1 == n_prog1 - 1) if spec.bc and not spec.loop else True
+    r = row0 + jnp.arange(bm, dtype=jnp.int32)[:, None]
+    rmask = r < m
+    t = spec.in_dtype
 
-        def window(start):  # column indices and mask of the bk-wide window at `start`
-            c_ = start + jnp.arange(bk, dtype=jnp.int32)[None, :]
-            return c_, rmask & (c_ < k)
+    def window(start):  # column indices and mask of the bk-wide window at `start`
+        c_ = start + jnp.arange(bk, dtype=jnp.int32)[None, :]
+        return c_, rmask & (c_ < k)
 
-        c, mask = window(col0)
+    c, mask = window(col0)
 
-        def load(ref_, off=0, start=col0, mask_=mask, c_=c):
-            if spec.bc or off + bk <= ref_.shape[1]:
-                return plgpu.load(ref_.at[pl.ds(row0, bm), pl.ds(off + start, bk)], mask=mask_, other=0)
-            # a window past the row end: element indexing (masked lanes are never read)
-            return plgpu.load(ref_.at[jnp.minimum(r, m - 1), jnp.minimum(off + c_, ref_.shape[1] - 1)],
-                              mask=mask_, other=0)
+    def load(ref_, off=0, start=col0, mask_=mask, c_=c):
+        if spec.bc or off + bk <= ref_.shape[1]:
+            return plgpu.load(ref_.at[pl.ds(row0, bm), pl.ds(off + start, bk)], mask=mask_, other=0)
+        # a window past the row end: element indexing (masked lanes are never read)
+        return plgpu.load(ref_.at[jnp.minimum(r, m - 1), jnp.minimum(off + c_, ref_.shape[1] - 1)],
+                          mask=mask_, other=0)
 
-        def store_data(val, width=bk, start=None):
-            cols = jnp.arange(width, dtype=jnp.int32)[None, :] + (col0 if start is None else start)
-            plgpu.store(data_ref.at[pl.ds(row0, bm), pl.ds(col0 if start is None else start, width)], val,
-                        mask=rmask & (cols < data_ref.shape[1]))
+    def store_data(val, width=bk, start=None):
+        cols = jnp.arange(width, dtype=jnp.int32)[None, :] + (col0 if start is None else start)
+        plgpu.store(data_ref.at[pl.ds(row0, bm), pl.ds(col0 if start is None else start, width)], val,
+                    mask=rmask & (cols < data_ref.shape[1]))
 
-        def elementwise(start=col0, mask_=mask, c_=c):  # quant / silu: the pre-quant value v (f32, 0 outside)
-            if spec.op == "quant":
-                return load(x_ref, 0, start, mask_, c_).astype(F32)
-            g, u = load(x_ref, 0, start, mask_, c_).astype(F32), load(x_ref, k, start, mask_, c_).astype(F32)
-            silu = mth.div(g, 1.0 + jnp.exp(-g))
-            if fmt == QuantFormat.FP8 and desc.static:
-                return mth.round_to(mth.round_to(silu, t) * u, t)
-            if fmt == QuantFormat.FP8:
-                return silu * u
-            return mth.round_to(silu * u, t)
+    def elementwise(start=col0, mask_=mask, c_=c):  # quant / silu: the pre-quant value v (f32, 0 outside)
+        if spec.op == "quant":
+            return load(x_ref, 0, start, mask_, c_).astype(F32)
+        g, u = load(x_ref, 0, start, mask_, c_).astype(F32), load(x_ref, k, start, mask_, c_).astype(F32)
+        silu = mth.div(g, 1.0 + jnp.exp(-g))
+        if fmt == QuantFormat.FP8 and desc.static:
+            return mth.round_to(mth.round_to(silu, t) * u, t)
+        if fmt == QuantFormat.FP8:
+            return silu * u
+        return mth.round_to(silu * u, t)
 
-        qmax = ref.INT8_MAX if fmt == QuantFormat.INT8 else ref.FP8_MAX
-        sat = functools.partial(_sat_int8, mth=mth) if fmt == QuantFormat.INT8 else ref.sat_fp8
+    qmax = ref.INT8_MAX if fmt == QuantFormat.INT8 else ref.FP8_MAX
+    sat = functools.partial(_sat_int8, mth=mth) if fmt == QuantFormat.INT8 else ref.sat_fp8
 
-        def dynamic_scale(amax):  # vLLM's dynamic fp8/int8 scale of an amax (per row or per group)
-            nan = jnp.isnan(amax)  # before the upper bound: Triton's min drops NaN, the policy keeps it
-            if fmt == QuantFormat.INT8 or (spec.op == "quant" and desc.group_shape.is_per_group()):
-                s_ = mth.div(jnp.maximum(amax, ref.GROUP_EPS), qmax)
-            else:
-                if spec.has_ub:
-                    amax = jnp.minimum(amax, plgpu.load(ub_ref.at[pl.ds(0, 1)]).reshape(1, 1))
-                s_ = jnp.maximum(mth.div(amax, qmax), ref.FP8_MIN_SCALE)
-            s_ = jnp.where(nan, jnp.nan, s_)
-            return ref.pow2_ceil(s_) if desc.ue8m0 else s_
+    def dynamic_scale(amax):  # vLLM's dynamic fp8/int8 scale of an amax (per row or per group)
+        nan = jnp.isnan(amax)  # before the upper bound: Triton's min drops NaN, the policy keeps it
+        if fmt == QuantFormat.INT8 or (spec.op == "quant" and desc.group_shape.is_per_group()):
+            s_ = mth.div(jnp.maximum(amax, ref.GROUP_EPS), qmax)
+        else:
+            if spec.has_ub:
+                amax = jnp.minimum(amax, plgpu.load(ub_ref.at[pl.ds(0, 1)]).reshape(1, 1))
+            s_ = jnp.maximum(mth.div(amax, qmax), ref.FP8_MIN_SCALE)
+        s_ = jnp.where(nan, jnp.nan, s_)
+        return ref.pow2_ceil(s_) if desc.ue8m0 else s_
 
-        def row_scale(amax):  # per-row scales: dynamic per-token, or per-tensor pass 2 (amax unused)
-            if spec.tensor_scale_given:  # s_in holds the global amax
-                amax_t = plgpu.load(s_in_ref.at[pl.ds(0, 1)]).reshape(1, 1)
-                return jnp.where(jnp.isnan(amax_t), jnp.nan, jnp.maximum(mth.div(amax_t, qmax), ref.FP8_MIN_SCALE))
-            if spec.row_amax_given:  # split pass 2: s_in holds the rows' partial amaxes, one per chunk
-                nch = k // bk
-                j = jnp.arange(pl.next_power_of_2(nch), dtype=jnp.int32)[None, :]
-                pm = rmask & (j < nch)
-                amax = _amax(plgpu.load(s_in_ref.at[_oob(r * nch + j, pm, m * nch)], mask=pm, other=0.0), 1,
-                             keepdims=True)
-            return dynamic_scale(amax)
-
-        def row_codes(v_, s_):  # vLLM: static-style per-tensor fp8 multiplies by 1/s, dynamic divides
-            if fmt == QuantFormat.FP8 and spec.tensor_scale_given:
-                return sat(v_ * mth.div(1.0, s_))
-            return sat(mth.div(v_, s_))
-
-        def store_row_scale(s_):  # one writer per row (per tensor): the row's first chunk
-            first = pid1 == 0
-            if spec.tensor_scale_given:
-                plgpu.store(scale_ref.at[pl.ds(0, 1)], s_.reshape(1),
-                            mask=first & (pid0 == 0) & (jnp.arange(1) == 0))
-            else:
-                plgpu.store(scale_ref.at[pl.ds(row0, bm)], s_[:, 0], mask=(r[:, 0] < m) & first)
-
-        if spec.loop:  # per-row scales over bk-wide chunks: loop 1 the amax, loop 2 the codes
+    def row_scale(amax):  # per-row scales: dynamic per-token, or per-tensor pass 2 (amax unused)
+        if spec.tensor_scale_given:  # s_in holds the global amax
+            amax_t = plgpu.load(s_in_ref.at[pl.ds(0, 1)]).reshape(1, 1)
+            return jnp.where(jnp.isnan(amax_t), jnp.nan, jnp.maximum(mth.div(amax_t, qmax), ref.FP8_MIN_SCALE))
+        if spec.row_amax_given:  # split pass 2: s_in holds the rows' partial amaxes, one per chunk
             nch = k // bk
+            j = jnp.arange(pl.next_power_of_2(nch), dtype=jnp.int32)[None, :]
+            pm = rmask & (j < nch)
+            amax = _amax(plgpu.load(s_in_ref.at[_oob(r * nch + j, pm, m * nch)], mask=pm, other=0.0), 1,
+                         keepdims=True)
+        return dynamic_scale(amax)
 
-            def v_at(j):
-                c_, m_ = window(j * bk)
-                return elementwise(j * bk, m_, c_)
+    def row_codes(v_, s_):  # vLLM: static-style per-tensor fp8 multiplies by 1/s, dynamic divides
+        if fmt == QuantFormat.FP8 and spec.tensor_scale_given:
+            return sat(v_ * mth.div(1.0, s_))
+        return sat(mth.div(v_, s_))
 
-            if spec.tensor_scale_given:
-                amax = None
+    def store_row_scale(s_):  # one writer per row (per tensor): the row's first chunk
+        first = pid1 == 0
+        if spec.tensor_scale_given:
+            plgpu.store(scale_ref.at[pl.ds(0, 1)], s_.reshape(1),
+                        mask=first & (pid0 == 0) & (jnp.arange(1) == 0))
+        else:
+            plgpu.store(scale_ref.at[pl.ds(row0, bm)], s_[:, 0], mask=(r[:, 0] < m) & first)
+
+    if spec.loop:  # per-row scales over bk-wide chunks: loop 1 the amax, loop 2 the codes
+        nch = k // bk
+
+        def v_at(j):
+            c_, m_ = window(j * bk)
+            return elementwise(j * bk, m_, c_)
+
+        if spec.tensor_scale_given:
+            amax = None
+        else:
+            amax = jax.lax.fori_loop(0, nch, lambda j, acc: _max_nan(acc, _amax(jnp.abs(v_at(j)), 1, keepdims=True)),
+                                     jnp.zeros((bm, 1), F32))
+            if spec.amax_only:
+                plgpu.store(amax_ref.at[pl.ds(row0, bm)], amax[:, 0], mask=r[:, 0] < m)
+                return
+        s = row_scale(amax)
+
+        def quant_chunk(j, carry):
+            store_data(row_codes(v_at(j), s), bk, j * bk)
+            return carry
+
+        jax.lax.fori_loop(0, nch, quant_chunk, 0)
+        store_row_scale(s)
+        return
+
+    # ---- the pre-quant value v (f32, zero outside [m, k])
+    if spec.op in ("quant", "silu"):
+        v = elementwise()
+    else:  # rms
+        xv = load(x_ref)
+        if spec.has_residual:
+            rv = load(res_ref)
+            if spec.add_in_f32:
+                z = xv.astype(F32) + rv.astype(F32)
             else:
-                amax = jax.lax.fori_loop(0, nch, lambda j, acc: _max_nan(acc, _amax(jnp.abs(v_at(j)), 1, keepdims=True)),
-                                         jnp.zeros((bm, 1), F32))
-                if spec.amax_only:
-                    plgpu.store(amax_ref.at[pl.ds(row0, bm)], amax[:, 0], mask=r[:, 0] < m)
-                    return
-            s = row_scale(amax)
+                z = mth.round_to(xv.astype(F32) + rv.astype(F32), t)
+            res_out = z.astype(t)
+            if res_out_ref is not None:
+                plgpu.store(res_out_ref.at[pl.ds(row0, bm), pl.ds(0, bk)], res_out, mask=mask)
+        else:
+            z = xv.astype(F32)
+        ms = mth.div(mth.tree_sum(mth.square(z)), np.float32(k))[:, None]
+        inv = mth.div(1.0, mth.sqrt(ms + np.float32(spec.eps)))
+        w = plgpu.load(w_ref.at[pl.ds(0, bk)], mask=c[0] < k, other=0)[None, :]
+        v = mth.round_to(mth.mul(mth.round_to(mth.mul(z, inv), t), w.astype(F32)), t)
 
-            def quant_chunk(j, carry):
-                store_data(row_codes(v_at(j), s), bk, j * bk)
-                return carry
+    a = jnp.abs(v)
+    if spec.amax_only:
+        if spec.bc:  # split pass 1: one partial amax per (row, chunk)
+            nch = k // bk
+            live = r[:, 0] < m
+            plgpu.store(amax_ref.at[_oob(r[:, 0] * nch + pid1, live, m * nch)], _amax(a, 1), mask=live)
+        else:
+            plgpu.store(amax_ref.at[pl.ds(row0, bm)], _amax(a, 1), mask=r[:, 0] < m)
+        return
 
-            jax.lax.fori_loop(0, nch, quant_chunk, 0)
+    # ---- quantize
+    if fmt in (QuantFormat.FP8, QuantFormat.INT8):
+        gs_ = desc.group_shape
+        if spec.tensor_scale_given or (not desc.static and gs_.is_per_token()):
+            s = row_scale(None if spec.tensor_scale_given or spec.row_amax_given else _amax(a, 1, keepdims=True))
+            store_data(row_codes(v, s))
             store_row_scale(s)
             return
-
-        # ---- the pre-quant value v (f32, zero outside [m, k])
-        if spec.op in ("quant", "silu"):
-            v = elementwise()
-        else:  # rms
-            xv = load(x_ref)
-            if spec.has_residual:
-                rv = load(res_ref)
-                if spec.add_in_f32:
-                    z = xv.astype(F32) + rv.astype(F32)
-                else:
-                    z = mth.round_to(xv.astype(F32) + rv.astype(F32), t)
-                res_out = z.astype(t)
-                if res_out_ref is not None:
-                    plgpu.store(res_out_ref.at[pl.ds(row0, bm), pl.ds(0, bk)], res_out, mask=mask)
+        if desc.static:
+            if gs_.is_per_tensor():
+                s = plgpu.load(s_in_ref.at[pl.ds(0, 1)]).reshape(1, 1)
+            elif gs_.is_per_token():
+                s = plgpu.load(s_in_ref.at[pl.ds(row0, bm)], mask=r[:, 0] < m, other=1.0)[:, None]
+            elif gs_.is_per_channel():
+                s = plgpu.load(s_in_ref.at[pl.ds(col0, bk)], mask=c[0] < k, other=1.0)[None, :]
+            else:  # static 2-D blocks, row-major [cdiv(m, gr), cdiv(k, gc)]
+                gr, gc = gs_
+                nkb = cdiv(k, gc)
+                s = plgpu.load(s_in_ref.at[_oob((r // gr) * nkb + c // gc, mask, cdiv(m, gr) * nkb)],
+                               mask=mask, other=1.0)
+            if fmt == QuantFormat.FP8:
+                q = sat(v * mth.div(1.0, s))
             else:
-                z = xv.astype(F32)
-            ms = mth.div(mth.tree_sum(mth.square(z)), np.float32(k))[:, None]
-            inv = mth.div(1.0, mth.sqrt(ms + np.float32(spec.eps)))
-            w = plgpu.load(w_ref.at[pl.ds(0, bk)], mask=c[0] < k, other=0)[None, :]
-            v = mth.round_to(mth.mul(mth.round_to(mth.mul(z, inv), t), w.astype(F32)), t)
-
-        a = jnp.abs(v)
-        if spec.amax_only:
-            if spec.bc:  # split pass 1: one partial amax per (row, chunk)
-                nch = k // bk
-                live = r[:, 0] < m
-                plgpu.store(amax_ref.at[_oob(r[:, 0] * nch + pid1, live, m * nch)], _amax(a, 1), mask=live)
-            else:
-                plgpu.store(amax_ref.at[pl.ds(row0, bm)], _amax(a, 1), mask=r[:, 0] < m)
-            return
-
-        # ---- quantize
-        if fmt in (QuantFormat.FP8, QuantFormat.INT8):
-            gs_ = desc.group_shape
-            if spec.tensor_scale_given or (not desc.static and gs_.is_per_token()):
-                s = row_scale(None if spec.tensor_scale_given or spec.row_amax_given else _amax(a, 1, keepdims=True))
-                store_data(row_codes(v, s))
-                store_row_scale(s)
-                return
-            if desc.static:
-                if gs_.is_per_tensor():
-                    s = plgpu.load(s_in_ref.at[pl.ds(0, 1)]).reshape(1, 1)
-                elif gs_.is_per_token():
-                    s = plgpu.load(s_in_ref.at[pl.ds(row0, bm)], mask=r[:, 0] < m, other=1.0)[:, None]
-                elif gs_.is_per_channel():
-                    s = plgpu.load(s_in_ref.at[pl.ds(col0, bk)], mask=c[0] < k, other=1.0)[None, :]
-                else:  # static 2-D blocks, row-major [cdiv(m, gr), cdiv(k, gc)]
-                    gr, gc = gs_
-                    nkb = cdiv(k, gc)
-                    s = plgpu.load(s_in_ref.at[_oob((r // gr) * nkb + c // gc, mask, cdiv(m, gr) * nkb)],
-                                   mask=mask, other=1.0)
-                if fmt == QuantFormat.FP8:
-                    q = sat(v * mth.div(1.0, s))
-                else:
-                    q = sat(mth.div(v, s))
-                store_data(q)
-                return  # static scales are the caller's; the wrapper passes them through
-            # dynamic per-token-group
-            gsize = gs_.col
-            ng = bk // gsize
-            s = dynamic_scale(_amax(a.reshape(bm, ng, gsize), 2))
-            s_full = jnp.broadcast_to(s[:, :, None], (bm, ng, gsize)).reshape(bm, bk)
-            store_data(sat(mth.div(v, s_full)))
-            n_groups = k // gsize
-            gcol = col0 // gsize + jnp.arange(ng, dtype=jnp.int32)[None, :]
-            live = (r < m) & (gcol < n_groups)
-            if desc.layout == ScaleLayout.PACKED_UE8M0:
-                b = jnp.where(live, (jax.lax.bitcast_convert_type(s, U32) >> 23) & 0xFF, 0).astype(U32)
-                per = min(ng, 4)
-                nw = ng // per
-                shifts = (jnp.arange(per, dtype=U32) * 8)[None, None, :]
-                words = jnp.sum(b.reshape(bm, nw, per) << shifts, axis=-1)
-                mp, nwords = round_up(m, 4), cdiv(n_groups, 4)
-                wcol = col0 // (4 * gsize) + jnp.arange(nw, dtype=jnp.int32)[None, :]
-                wmask = (r < mp) & (wcol < nwords)
-                plgpu.store(scale_ref.at[_oob(wcol * mp + r, wmask, mp * nwords)],
-                            jax.lax.bitcast_convert_type(words, jnp.int32), mask=wmask)
-                return
-            off, smask = _scale_offsets(desc.layout, r, gcol, m, n_groups)
-            plgpu.store(scale_ref.at[_oob(off, smask, scale_ref.shape[0])], jnp.where(live, s, 0.0), mask=smask)
-            return
-
-        # ---- NVFP4 / MXFP8 / MXFP4: block scales per 16 / 32
-        gsize = desc.group_shape.col
+                q = sat(mth.div(v, s))
+            store_data(q)
+            return  # static scales are the caller's; the wrapper passes them through
+        # dynamic per-token-group
+        gsize = gs_.col
         ng = bk // gsize
+        s = dynamic_scale(_amax(a.reshape(bm, ng, gsize), 2))
+        s_full = jnp.broadcast_to(s[:, :, None], (bm, ng, gsize)).reshape(bm, bk)
+        store_data(sat(mth.div(v, s_full)))
         n_groups = k // gsize
-        groups = v.reshape(bm, ng, gsize)
         gcol = col0 // gsize + jnp.arange(ng, dtype=jnp.int32)[None, :]
         live = (r < m) & (gcol < n_groups)
-        if desc.static:
-            off, smask = _scale_offsets(desc.layout, r, gcol, m, n_groups)
-            sbytes = plgpu.load(s_in_ref.at[_oob(off, live, s_in_ref.shape[0])], mask=live, other=0)
-        if fmt == QuantFormat.NVFP4:
-            gs = plgpu.load(gs_ref.at[pl.ds(0, 1)]).reshape(1, 1)
-            if desc.static:
-                sf = jax.lax.bitcast_convert_type(sbytes, ref.E4M3).astype(F32)
-            else:
-                amax16 = _amax(jnp.abs(groups), 2)
-                sf32 = mth.div(gs * amax16, ref.FP4_MAX)
-                sf = jnp.where(jnp.isnan(sf32), jnp.nan,  # Triton's clip drops NaN; the policy keeps it
-                               mth.round_to(jnp.clip(sf32, -ref.FP8_MAX, ref.FP8_MAX), ref.E4M3))
-            ratio = jnp.where(sf == 0, 0.0, mth.div(gs, sf))
-            codes = ref.e2m1_encode(groups * ratio[:, :, None]).reshape(bm, bk)
-            sbytes = jax.lax.bitcast_convert_type(sf.astype(ref.E4M3), jnp.uint8)
-        else:
-            emax = ref.FP8_MAX if fmt == QuantFormat.MXFP8 else ref.FP4_MAX
-            if not desc.static:
-                sbytes = ref.e8m0_from_f32(mth.div(_amax(jnp.abs(groups), 2), emax))
-            sf = ref.f32_from_e8m0(sbytes)
-            y = mth.div(groups, sf[:, :, None]).reshape(bm, bk)
-            codes = ref.sat_fp8(y) if fmt == QuantFormat.MXFP8 else ref.e2m1_encode(y)
-        if key.is_fp4:
-            pairs = codes.reshape(bm, bk // 2, 2).astype(U32)
-            packed = jnp.sum(pairs << (jnp.arange(2, dtype=U32) * 4)[None, None, :], axis=-1).astype(jnp.uint8)
-            store_data(packed, bk // 2, col0 // 2)
-        else:
-            store_data(codes)
-        if not desc.static:
-            off, smask = _scale_offsets(desc.layout, r, gcol, m, n_groups)
-            plgpu.store(scale_ref.at[_oob(off, smask, scale_ref.shape[0])], jnp.where(live, sbytes, 0).astype(jnp.uint8),
-                        mask=smask)
-            covered = (k // bk) * ng if spec.bc else ng  # groups the programs of a row cover
-            if desc.layout == ScaleLayout.SWIZZLED_128x4 and covered < round_up(n_groups, 4):
-                # the tile pads groups to 4 but the row holds fewer: the last chunk zeroes the padding columns
-                pcol = covered + jnp.arange(4, dtype=jnp.int32)[None, :]
-                off, smask = _scale_offsets(desc.layout, r, pcol, m, n_groups)
-                smask = smask & last_chunk
-                plgpu.store(scale_ref.at[_oob(off, smask, scale_ref.shape[0])], jnp.zeros((bm, 4), jnp.uint8),
-                            mask=smask)
+        if desc.layout == ScaleLayout.PACKED_UE8M0:
+            b = jnp.where(live, (jax.lax.bitcast_convert_type(s, U32) >> 23) & 0xFF, 0).astype(U32)
+            per = min(ng, 4)
+            nw = ng // per
+            shifts = (jnp.arange(per, dtype=U32) * 8)[None, None, :]
+            words = jnp.sum(b.reshape(bm, nw, per) << shifts, axis=-1)
+            mp, nwords = round_up(m, 4), cdiv(n_groups, 4)
+            wcol = col0 // (4 * gsize) + jnp.arange(nw, dtype=jnp.int32)[None, :]
+            wmask = (r < mp) & (wcol < nwords)
+            plgpu.store(scale_ref.at[_oob(wcol * mp + r, wmask, mp * nwords)],
+                        jax.lax.bitcast_convert_type(words, jnp.int32), mask=wmask)
+            return
+        off, smask = _scale_offsets(desc.layout, r, gcol, m, n_groups)
+        plgpu.store(scale_ref.at[_oob(off, smask, scale_ref.shape[0])], jnp.where(live, s, 0.0), mask=smask)
+        return
 
-    rows(pid0 * bm)
+    # ---- NVFP4 / MXFP8 / MXFP4: block scales per 16 / 32
+    gsize = desc.group_shape.col
+    ng = bk // gsize
+    n_groups = k // gsize
+    groups = v.reshape(bm, ng, gsize)
+    gcol = col0 // gsize + jnp.arange(ng, dtype=jnp.int32)[None, :]
+    live = (r < m) & (gcol < n_groups)
+    if desc.static:
+        off, smask = _scale_offsets(desc.layout, r, gcol, m, n_groups)
+        sbytes = plgpu.load(s_in_ref.at[_oob(off, live, s_in_ref.shape[0])], mask=live, other=0)
+    if fmt == QuantFormat.NVFP4:
+        gs = plgpu.load(gs_ref.at[pl.ds(0, 1)]).reshape(1, 1)
+        if desc.static:
+            sf = jax.lax.bitcast_convert_type(sbytes, ref.E4M3).astype(F32)
+        else:
+            amax16 = _amax(jnp.abs(groups), 2)
+            sf32 = mth.div(gs * amax16, ref.FP4_MAX)
+            sf = jnp.where(jnp.isnan(sf32), jnp.nan,  # Triton's clip drops NaN; the policy keeps it
+                           mth.round_to(jnp.clip(sf32, -ref.FP8_MAX, ref.FP8_MAX), ref.E4M3))
+        ratio = jnp.where(sf == 0, 0.0, mth.div(gs, sf))
+        codes = ref.e2m1_encode(groups * ratio[:, :, None]).reshape(bm, bk)
+        sbytes = jax.lax.bitcast_convert_type(sf.astype(ref.E4M3), jnp.uint8)
+    else:
+        emax = ref.FP8_MAX if fmt == QuantFormat.MXFP8 else ref.FP4_MAX
+        if not desc.static:
+            sbytes = ref.e8m0_from_f32(mth.div(_amax(jnp.abs(groups), 2), emax))
+        sf = ref.f32_from_e8m0(sbytes)
+        y = mth.div(groups, sf[:, :, None]).reshape(bm, bk)
+        codes = ref.sat_fp8(y) if fmt == QuantFormat.MXFP8 else ref.e2m1_encode(y)
+    if key.is_fp4:
+        pairs = codes.reshape(bm, bk // 2, 2).astype(U32)
+        packed = jnp.sum(pairs << (jnp.arange(2, dtype=U32) * 4)[None, None, :], axis=-1).astype(jnp.uint8)
+        store_data(packed, bk // 2, col0 // 2)
+    else:
+        store_data(codes)
+    if not desc.static:
+        off, smask = _scale_offsets(desc.layout, r, gcol, m, n_groups)
+        plgpu.store(scale_ref.at[_oob(off, smask, scale_ref.shape[0])], jnp.where(live, sbytes, 0).astype(jnp.uint8),
+                    mask=smask)
+        covered = (k // bk) * ng if spec.bc else ng  # groups the programs of a row cover
+        if desc.layout == ScaleLayout.SWIZZLED_128x4 and covered < round_up(n_groups, 4):
+            # the tile pads groups to 4 but the row holds fewer: the last chunk zeroes the padding columns
+            pcol = covered + jnp.arange(4, dtype=jnp.int32)[None, :]
+            off, smask = _scale_offsets(desc.layout, r, pcol, m, n_groups)
+            smask = smask & last_chunk
+            plgpu.store(scale_ref.at[_oob(off, smask, scale_ref.shape[0])], jnp.zeros((bm, 4), jnp.uint8),
+                        mask=smask)
 
 
 # ------------------------------------------------------------------ wrapper
