@@ -21,9 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
-import time
 import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -37,6 +35,7 @@ from interop.keys import ScaleLayout, kMxfp8Dynamic, kNvfp4Dynamic
 from interop.weights import WEIGHT_MXFP8, WEIGHT_NVFP4
 from quantact_jax import dequant_gemm as D
 from quantact_jax import reference as R
+from quantact_jax.bench.producers import latency_s
 
 SHAPES = [(4096, 4096, 4096), (16, 8192, 8192)]
 KEYS = {"nvfp4": (kNvfp4Dynamic, WEIGHT_NVFP4), "mxfp8": (kMxfp8Dynamic, WEIGHT_MXFP8)}
@@ -78,17 +77,7 @@ def timer():
     except ImportError:
         pass
 
-    def wall_us(fn, args, iters: int = 20) -> float:
-        for _ in range(3):
-            jax.block_until_ready(fn(*args))
-        ts = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts) * 1e6
-
-    return wall_us, "wall (median, includes host dispatch)"
+    return (lambda fn, args, iters=20: latency_s(fn, args, iters) * 1e6), "wall (median, includes host dispatch)"
 
 
 def check(got, want, qa, wq, ws, wkey, gs) -> dict:

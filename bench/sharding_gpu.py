@@ -39,7 +39,6 @@ import _mgpu_env  # noqa: E402,F401  (before JAX starts: NCCL multicast off, --c
 import argparse
 import json
 import platform
-import statistics
 import time
 import traceback
 from collections.abc import Callable
@@ -56,6 +55,7 @@ from jax.sharding import PartitionSpec as P
 
 from interop import keys as K
 from interop.errors import QuantShardingError
+from quantact_jax.bench.producers import latency_s
 
 
 def _bytes(a) -> np.ndarray:
@@ -68,13 +68,7 @@ def _equal(got, want) -> bool:
 
 
 def _median_ms(fn, n: int = 5) -> float:
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    return latency_s(fn, (), n, warmup=1) * 1e3
 
 
 def _x(shape, seed, dtype=jnp.bfloat16):

@@ -69,7 +69,6 @@ import datetime
 import json
 import platform
 import re
-import statistics
 import time
 import traceback
 from collections.abc import Callable
@@ -90,7 +89,7 @@ from interop import keys as K
 from quantact_jax import producers as PR
 from quantact_jax import reference as R
 from quantact_jax import tp as T
-from quantact_jax.bench.producers import kernel_times_by_device, time_jax
+from quantact_jax.bench.producers import kernel_times_by_device, latency_s, time_jax
 from quantact_jax.mlp import make_block, mlp
 
 GPU_SHAPE, GPU_MS = (4096, 14336), (16, 4096)  # (hidden, intermediate), token counts
@@ -101,18 +100,6 @@ COLLECTIVE = re.compile(r"nccl|all.?reduce|collective", re.I)
 
 
 # ---------------------------------------------------------------- measurement
-def latency_s(fn: Callable[..., Any], args: tuple, n: int) -> float:
-    """Median time of one call followed by ``block_until_ready`` (after 3 warm-up calls)."""
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def measure(fn: Callable[..., Any], args: tuple, *, gpu: bool) -> dict[str, Any]:
     """Wall time, latency and (GPU) device time per call of ``fn(*args)``, in us."""
     wall = time_jax(fn, args, iters=20) if gpu else time_jax(fn, args, iters=3, reps=3)

@@ -35,23 +35,6 @@ WARMUP_S = 0.25
 MIN_REP_S = 0.025
 
 
-def _timed_reps(run, sync, iters: int, reps: int) -> float:
-    """Median over ``reps`` of the per-call time of ``run(n)`` (n back-to-back calls), after a
-    time-based warm-up; ``iters`` is raised until one repeat lasts MIN_REP_S."""
-    t_end = time.perf_counter() + WARMUP_S
-    n_warm, t0 = 0, time.perf_counter()
-    while time.perf_counter() < t_end or n_warm < 3:
-        run(1)
-        sync()
-        n_warm += 1
-    per_call = (time.perf_counter() - t0) / n_warm  # host-synchronised: an upper bound
-    iters = max(iters, int(MIN_REP_S / max(per_call, 1e-7)))
-    times = []
-    for _ in range(reps):
-        times.append(run(iters) / iters)
-    return statistics.median(times)
-
-
 def jax_runner(fn, args) -> tuple[Callable[[int], float], Callable[[], Any]]:
     """``(run, sync)``: ``run(n)`` times n back-to-back async JAX calls (s, wall clock to the last result)."""
     out = [fn(*args)]
@@ -88,13 +71,26 @@ def torch_runner(fn, args) -> tuple[Callable[[int], float], Callable[[], Any]]:
 
 def time_jax(fn, args, iters=50, reps=5) -> float:
     """Median over ``reps`` of the mean time (s) of ``iters`` (at least MIN_REP_S worth of)
-    back-to-back async calls, after a WARMUP_S warm-up."""
-    return _timed_reps(*jax_runner(fn, args), iters, reps)
+    back-to-back async calls, after a WARMUP_S warm-up (:func:`time_interleaved` of one runner)."""
+    return time_interleaved({"": jax_runner(fn, args)}, reps, iters)[""]
 
 
 def time_torch(fn, args, iters=50, reps=5) -> float:
     """As :func:`time_jax`, for torch work, timed with CUDA events on the current stream."""
-    return _timed_reps(*torch_runner(fn, args), iters, reps)
+    return time_interleaved({"": torch_runner(fn, args)}, reps, iters)[""]
+
+
+def latency_s(fn: Callable[..., Any], args: tuple = (), n: int = 20, warmup: int = 3) -> float:
+    """Median time (s) of one call followed by ``block_until_ready``, after ``warmup`` such calls:
+    what one synchronous call costs, host dispatch included (the multi-GPU and dequant benches)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
 
 
 def gpu_state(index: int = 0) -> dict[str, float]:
@@ -119,13 +115,14 @@ def time_interleaved(runners: dict[str, tuple[Callable[[int], float], Callable[[
     then far steadier than separate measurements. ``state``: filled with each runner's median
     :func:`gpu_state` read right after its repeats (whether the card ran at its power limit)."""
     sized = {}
-    for name, (run, sync) in runners.items():  # warm up and size each repeat (as _timed_reps)
+    for name, (run, sync) in runners.items():  # warm up; raise iters until one repeat lasts MIN_REP_S
         t_end, n_warm, t0 = time.perf_counter() + WARMUP_S, 0, time.perf_counter()
         while time.perf_counter() < t_end or n_warm < 3:
             run(1)
             sync()
             n_warm += 1
-        sized[name] = max(iters, int(MIN_REP_S / max((time.perf_counter() - t0) / n_warm, 1e-7)))
+        per_call = (time.perf_counter() - t0) / n_warm  # host-synchronised: an upper bound
+        sized[name] = max(iters, int(MIN_REP_S / max(per_call, 1e-7)))
     times: dict[str, list[float]] = {name: [] for name in runners}
     seen: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
     for _ in range(reps):
