@@ -103,7 +103,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from interop.layout import cdiv
-from quantact_jax.mosaic_gemm import SMEM_LIMIT, _bcast, _pad, _store_tile
+from quantact_jax.mosaic_gemm import SMEM_LIMIT, _bcast, _launch, _pad, _store_tile
 
 F32 = jnp.float32
 BLOCK = 128  # DeepSeek scale block (K step and weight-block height)
@@ -242,11 +242,6 @@ def supports(m: int, n: int, k: int, out_dtype, cfg: MosaicBlockConfig | None = 
             and cfg.valid() and cfg.epi_tile_n * size <= 128 and cfg.smem_bytes(size, k) <= SMEM_LIMIT)
 
 
-def _grid_name(cfg: MosaicBlockConfig) -> str:
-    """The persistent grid's axis: one entry per CTA (SM), or per cluster with a cluster."""
-    return "sm" if cfg.cluster is None else "cluster_grid"
-
-
 def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: MosaicBlockConfig):
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -337,7 +332,7 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, out_gmem, *, cfg: Mosai
                 plgpu.barrier_arrive(sched)
                 plgpu.barrier_wait(sched)
 
-        @plgpu.nd_loop((m_iters * n_iters,), collective_axes=_grid_name(cfg))
+        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")  # the persistent grid (of clusters, with one)
         def _tiles(info):
             (lin,) = info.index
             mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1 if cfg.grid_minor_n else 0,
@@ -438,8 +433,6 @@ def scaled_mm_block(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array, bi
     """``a [M, K] fp8``, ``b [N, K] fp8``, ``sa [M, K/128]`` f32 (row-major, 1x128 groups),
     ``sb [N/128, K/128]`` f32 (128x128 blocks), ``bias [N]`` or None -> ``[M, N]`` in
     ``out_dtype``. Call :func:`supports` first."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
     m, k = a.shape
     n = b.shape[0]
     cfg = cfg or heuristic_config(m, n, k, out_dtype)
@@ -463,20 +456,13 @@ def scaled_mm_block(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array, bi
     kbp = cdiv(kb, 32) * 32
     sb_p = jnp.pad(sb.astype(F32), ((0, cdiv(np_, BLOCK) - nb), (0, kbp - kb)))
     args = [a, b, sa_t, sb_p] + ([_pad(bias.astype(F32).reshape(-1), np_)] if bias is not None else [])
-    num_sms = getattr(jax.devices()[0], "core_count", 132)
 
     def body(a_gmem, b_gmem, sa_gmem, sb_gmem, *rest):
         bias_gmem = rest[0] if bias is not None else None
         _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, rest[-1], cfg=cfg)
 
     # one persistent CTA per SM; with a cluster, one persistent cluster of two CTAs per two SMs
-    launch = dict(grid=(num_sms // cfg.cluster_size,), grid_names=(_grid_name(cfg),))
-    if cfg.cluster is not None:
-        launch.update(cluster=(cfg.cluster_size,), cluster_names=("cluster",))
-    f = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((rows, n), out_dtype), **launch, num_threads=3,
-                     thread_name="wg",
-                     compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-    return f(*args)[:m]
+    return _launch(body, jax.ShapeDtypeStruct((rows, n), out_dtype), cluster=cfg.cluster_size)(*args)[:m]
 
 
 __all__ = ["MosaicBlockConfig", "fit_smem", "heuristic_config", "scaled_mm_block", "supports"]

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from interop.layout import cdiv
-from quantact_jax.mosaic_gemm import SMEM_LIMIT, _bcast, _pad, _store_tile
+from quantact_jax.mosaic_gemm import SMEM_LIMIT, _bcast, _launch, _pad, _store_tile, _tma_rows
 
 F32 = jnp.float32
 
@@ -152,26 +152,18 @@ def gate_up_silu(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array, out_d
     f32 -> ``(h [M, I] f32, row maxima of |h| [M, I / tile_n] f32)``; ``out_dtype``: the gate/up
     layer's output dtype, to which ``g`` and ``u`` are rounded (module docstring). Call
     :func:`supports` first."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
     cfg = cfg or GateUpConfig()
     m, k = a.shape
     n2 = b.shape[0]
     if b.shape[1] != k or not supports(m, n2, k, cfg):
         raise ValueError(f"the gate/up SiLU GEMM does not take A {a.shape} B {b.shape} with {cfg}")
     inter = n2 // 2
-    rows = m if m <= 8 or m % 8 == 0 else cdiv(m, 8) * 8  # TMA: rows past M zero-filled / dropped
-    if rows != m:
-        a = jnp.pad(a, ((0, rows - m), (0, 0)))
+    a = _tma_rows(a)
     mp = cdiv(m, cfg.tile_m) * cfg.tile_m
     sa = _pad(jnp.broadcast_to(sa.astype(F32).reshape(-1), (m,)), mp)
     sb = jnp.broadcast_to(sb.astype(F32).reshape(-1), (n2,))
-    num_sms = getattr(jax.devices()[0], "core_count", 132)  # one persistent CTA per SM
-    f = plgpu.kernel(functools.partial(_kernel, cfg=cfg, inter=inter, out_dtype=jnp.dtype(out_dtype)),
-                     out_type=(jax.ShapeDtypeStruct((rows, inter), F32),
-                               jax.ShapeDtypeStruct((inter // cfg.tile_n, mp), F32)),
-                     grid=(num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
-                     compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    f = _launch(functools.partial(_kernel, cfg=cfg, inter=inter, out_dtype=jnp.dtype(out_dtype)),
+                (jax.ShapeDtypeStruct((a.shape[0], inter), F32), jax.ShapeDtypeStruct((inter // cfg.tile_n, mp), F32)))
     h, amax = f(a, b, sa, sb)
     return h[:m], amax[:, :m].T
 

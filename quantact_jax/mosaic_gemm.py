@@ -214,38 +214,50 @@ def _pad(v: jax.Array, size: int) -> jax.Array:
     return jnp.pad(v, (0, size - v.shape[0])) if v.shape[0] < size else v
 
 
+def _tma_rows(a: jax.Array) -> jax.Array:
+    """``a [M, K]`` as a TMA operand: rows past M are left to TMA (zero-filled on load, dropped on
+    store), so no padded copy, except that a descriptor's rows must be fewer than 8 or a multiple
+    of 8 (M above 8 is then padded to the next multiple of 8)."""
+    m = a.shape[0]
+    return a if m <= 8 or m % 8 == 0 else jnp.pad(a, ((0, cdiv(m, 8) * 8 - m), (0, 0)))
+
+
+def _launch(body, out_type, *, cluster: int = 1, grid: int | None = None, num_threads: int = 3):
+    """``plgpu.kernel`` as the Mosaic kernels here run: a persistent grid named "sm" (by default one
+    CTA per SM, or with ``cluster`` > 1 one cluster of that many CTAs, axis "cluster", per as many
+    SMs), ``num_threads`` warpgroups named "wg" (the last one the pipeline's memory warpgroup),
+    warpgroup lowering semantics."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    if grid is None:
+        grid = getattr(jax.devices()[0], "core_count", 132) // cluster
+    clusters = dict(cluster=(cluster,), cluster_names=("cluster",)) if cluster > 1 else {}
+    return plgpu.kernel(body, out_type=out_type, grid=(grid,), grid_names=("sm",), num_threads=num_threads,
+                        thread_name="wg", **clusters,
+                        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+
+
 def scaled_mm(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array, bias: jax.Array | None, out_dtype,
               cfg: MosaicConfig | None = None) -> jax.Array:
     """``a [M, K] fp8``, ``b [N, K] fp8``, ``sa [M] or [1]``, ``sb [N] or [1]`` f32, ``bias [N]``
     or None -> ``[M, N]`` in ``out_dtype``. Call :func:`supports` first."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
     m, k = a.shape
     n = b.shape[0]
     cfg = cfg or heuristic_config(m, n, k, out_dtype)
     if not supports(m, n, k, out_dtype, cfg):
         raise ValueError(f"the Mosaic GEMM does not take M={m} N={n} K={k} out {jnp.dtype(out_dtype)} with {cfg}")
-    # rows past M: TMA zero-fills them on load and drops them on store, so no padded copy, except that
-    # a TMA descriptor's rows must be fewer than 8 or a multiple of 8
-    rows = m if m <= 8 or m % 8 == 0 else cdiv(m, 8) * 8
-    if rows != m:
-        a = jnp.pad(a, ((0, rows - m), (0, 0)))
+    a = _tma_rows(a)
     cm, cn = _cluster_shape(cfg)  # vectors padded to whole cluster tiles (a cluster's second tile may lie past M or N)
     mp, np_ = cdiv(m, cm * cfg.tile_m) * cm * cfg.tile_m, cdiv(n, cn * 2 * cfg.tile_n) * cn * 2 * cfg.tile_n
     sa = _pad(jnp.broadcast_to(sa.astype(F32).reshape(-1), (m,)), mp)
     sb = _pad(jnp.broadcast_to(sb.astype(F32).reshape(-1), (n,)), np_)
     args = [a, b, sa, sb] + ([_pad(bias.astype(F32), np_)] if bias is not None else [])
-    num_sms = getattr(jax.devices()[0], "core_count", 132)  # one persistent CTA per SM
 
     def body(a_gmem, b_gmem, sa_gmem, sb_gmem, *rest):
         bias_gmem = rest[0] if bias is not None else None
         _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, bias_gmem, rest[-1], cfg=cfg)
 
-    csize = cm * cn
-    f = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((a.shape[0], n), out_dtype), grid=(num_sms // csize,),
-                     grid_names=("sm",), cluster=(csize,) if csize > 1 else (),
-                     cluster_names=("cluster",) if csize > 1 else (), num_threads=3, thread_name="wg",
-                     compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    f = _launch(body, jax.ShapeDtypeStruct((a.shape[0], n), out_dtype), cluster=cm * cn)
     return f(*args)[:m]
 
 
@@ -404,17 +416,14 @@ def scaled_mm_decode(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array, b
                      cfg: DecodeConfig | None = None) -> jax.Array:
     """The decode-sized ``scaled_mm`` (same arguments and result as :func:`scaled_mm`), computed
     as ``out.T = B @ A.T`` so that the weight fills the wgmma's 64-row side."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
     m, k = a.shape
     n = b.shape[0]
     cfg = cfg or decode_heuristic(m, n, k)
     if not decode_supports(m, n, k, out_dtype, cfg):
         raise ValueError(f"the Mosaic decode GEMM does not take M={m} N={n} K={k} out {jnp.dtype(out_dtype)} "
                          f"with {cfg}")
-    mp = decode_rows(m)  # rows past M: TMA zero-fills them on load, so no padded copy of the activation,
-    if m > 8 and m % 8:  # except that a TMA descriptor's rows must be fewer than 8 or a multiple of 8
-        a = jnp.pad(a, ((0, cdiv(m, 8) * 8 - m), (0, 0)))
+    mp = decode_rows(m)
+    a = _tma_rows(a)
     np_ = cdiv(n, cfg.cluster * cfg.num_wgs * cfg.tile_n) * cfg.cluster * cfg.num_wgs * cfg.tile_n
     sa = _pad(jnp.broadcast_to(sa.astype(F32).reshape(-1), (m,)), mp)
     sb = _pad(jnp.broadcast_to(sb.astype(F32).reshape(-1), (n,)), np_)
@@ -422,18 +431,15 @@ def scaled_mm_decode(a: jax.Array, b: jax.Array, sa: jax.Array, sb: jax.Array, b
     args = [b, a, sa, sb] + ([_pad(bias.astype(F32), np_)] if bias is not None and split == 1 else [])
     c = cfg.cluster
     units = cdiv(cdiv(n, cfg.num_wgs * cfg.tile_n), c) * split  # work items per cluster
-    grid = min(getattr(jax.devices()[0], "core_count", 132) // c, units)
+    grid = min(getattr(jax.devices()[0], "core_count", 132) // c, units)  # no idle CTAs
 
     def body(w_gmem, x_gmem, sa_gmem, sb_gmem, *rest):
         bias_gmem = rest[0] if len(rest) == 2 else None
         _decode_kernel(w_gmem, x_gmem, sa_gmem, sb_gmem, bias_gmem, rest[-1], cfg=cfg)
 
     shape = (n, mp) if split == 1 else (split, n, mp)
-    f = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(shape, out_dtype if split == 1 else F32), grid=(grid,),
-                     grid_names=("sm",), cluster=(c,) if c > 1 else (), cluster_names=("cluster",) if c > 1 else (),
-                     num_threads=cfg.num_wgs + 1, thread_name="wg",
-                     compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-    out = f(*args)
+    out = _launch(body, jax.ShapeDtypeStruct(shape, out_dtype if split == 1 else F32), cluster=c, grid=grid,
+                  num_threads=cfg.num_wgs + 1)(*args)
     if split == 1:
         return out[:, :m].T
     acc = out[0]
