@@ -45,7 +45,7 @@ from interop.weights import (
     WEIGHT_PER_TENSOR,
     weight_key_for_input,
 )
-from quantact_jax import producers, reference
+from quantact_jax import consumers, mosaic_gate_up, producers, reference
 from quantact_jax.activation import QuantizedActivation
 from quantact_jax.layers import QuantLinear, to_jax_array
 
@@ -125,11 +125,9 @@ def _silu_epilogue_applies(gate_up: QuantLinear, down: QuantLinear, a: Any) -> b
     """Whether :func:`mlp`'s ``silu_epilogue`` can run: a Hopper GPU, fp8 per-token / per-tensor
     activations into per-channel / per-tensor gate/up weights without bias, a dynamic per-token fp8
     key for the down layer, shapes :func:`mosaic_gate_up.supports` takes."""
-    from quantact_jax import consumers, mosaic_gate_up
-
     if not isinstance(a, QuantizedActivation) or gate_up.bias is not None or gate_up.backend != "pallas":
         return False
-    if gate_up.interpret or jax.default_backend() != "gpu" or not consumers._is_hopper():
+    if gate_up.interpret or not consumers._is_hopper():
         return False
     ak, dk = a.quant_key, down.input_key
     m = int(np.prod(a.orig_shape[:-1]))
@@ -159,8 +157,6 @@ def mlp(block: MLPBlock, x: jax.Array, residual: jax.Array | None = None, *,
         n, res = reference.rms_norm(x, block.norm_weight, block.eps, residual, add_in_f32=False)
         a = n.reshape(x.shape)
     if fused and silu_epilogue and _silu_epilogue_applies(gate_up, down, a):
-        from quantact_jax import mosaic_gate_up
-
         k = a.orig_shape[-1]
         h, amax = mosaic_gate_up.gate_up_silu(a.data.reshape(-1, k), gate_up.weight, a.scale, gate_up.weight_scale,
                                               a.orig_dtype)
